@@ -1,0 +1,35 @@
+// What the instruction-set builds (isa_*.cpp) share with the Python binding (module.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace pyfused {
+
+// Values must match pyfused/_cpp.py.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRmsprop = 2, kAdam = 3 };
+
+// What Python hands over for one (param group, dtype): addresses[role * n_tensors + i] is the
+// address of tensor i's data in that role; steps and flags are optional per-tensor rows.
+struct TensorTable {
+  int64_t n_tensors;
+  const int64_t* numels;
+  const int64_t* addresses;
+  const int64_t* steps;  // address of each tensor's step counter, a float or double scalar
+  bool steps_are_double;
+  const int64_t* flags;
+  int threads;
+};
+
+#define PYFUSED_DECLARE_ISA(isa)                                                        \
+  namespace isa {                                                                      \
+  /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
+  int hyper_size(Optimizer);                                                           \
+  void optimizer_step(Optimizer, DType, const TensorTable&, const double* hyper);      \
+  }
+PYFUSED_DECLARE_ISA(baseline)
+PYFUSED_DECLARE_ISA(avx2)
+PYFUSED_DECLARE_ISA(avx512)
+#undef PYFUSED_DECLARE_ISA
+
+}  // namespace pyfused

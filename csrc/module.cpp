@@ -1,0 +1,90 @@
+// pyfused._C: raw addresses in, updates done in place. No libtorch: the Python side hands over
+// data pointers, sizes and dtype codes (pyfused/_cpp.py), and validates tensors before calling.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace pyfused {
+namespace {
+
+struct Isa {
+  const char* name;
+  int (*hyper_size)(Optimizer);
+  void (*optimizer_step)(Optimizer, DType, const TensorTable&, const double*);
+};
+
+#define PYFUSED_ISA_ENTRY(isa) Isa{#isa, isa::hyper_size, isa::optimizer_step}
+
+// The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
+Isa pick_isa() {
+  std::vector<Isa> usable{PYFUSED_ISA_ENTRY(baseline)};
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    usable.push_back(PYFUSED_ISA_ENTRY(avx2));
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      usable.push_back(PYFUSED_ISA_ENTRY(avx512));
+    }
+  }
+#endif
+  const char* wanted = std::getenv("PYFUSED_CPU_ISA");
+  if (wanted == nullptr || *wanted == '\0') return usable.back();
+  std::string names;
+  for (const Isa& isa : usable) {
+    if (wanted == std::string(isa.name)) return isa;
+    names += names.empty() ? isa.name : std::string(", ") + isa.name;
+  }
+  throw std::runtime_error("PYFUSED_CPU_ISA=" + std::string(wanted) +
+                           " is not available on this CPU; choose one of: " + names);
+}
+
+const Isa& isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
+template <class T>
+const T* address(uintptr_t value) { return reinterpret_cast<const T*>(value); }
+
+void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
+                    uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
+                    const std::vector<double>& hyper, int threads) {
+  if (optimizer < 0 || optimizer > int(Optimizer::kAdam)) throw py::value_error("unknown optimizer");
+  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
+  if (int(hyper.size()) != isa().hyper_size(Optimizer(optimizer))) {
+    throw py::value_error("expected " + std::to_string(isa().hyper_size(Optimizer(optimizer))) +
+                          " hyperparameters, got " + std::to_string(hyper.size()));
+  }
+  TensorTable table{n_tensors,
+                    address<int64_t>(numels),
+                    address<int64_t>(addresses),
+                    address<int64_t>(steps),
+                    steps_are_double,
+                    address<int64_t>(flags),
+                    threads < 1 ? 1 : threads};
+  py::gil_scoped_release no_gil;
+  isa().optimizer_step(Optimizer(optimizer), DType(dtype), table, hyper.data());
+}
+
+}  // namespace
+}  // namespace pyfused
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyfused's CPU kernels: multi-tensor optimizer updates on raw addresses.";
+  m.def("optimizer_step", &pyfused::optimizer_step, py::arg("optimizer"), py::arg("dtype"),
+        py::arg("n_tensors"), py::arg("numels"), py::arg("addresses"), py::arg("steps"),
+        py::arg("steps_are_double"), py::arg("flags"), py::arg("hyper"), py::arg("threads"),
+        "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
+        "flags are addresses of int64 arrays (0 for an absent row).");
+  m.def("isa", [] { return std::string(pyfused::isa().name); },
+        "The instruction set the kernels run with.");
+}

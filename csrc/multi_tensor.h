@@ -1,0 +1,120 @@
+// The multi-tensor driver shared by every elementwise update.
+//
+// All tensors of a call lie end to end in one index space (each start rounded up to kAlign elements,
+// so chunk edges fall on cache-line edges inside a tensor). That space is cut into fixed chunks of
+// kChunk elements, handed out to threads from an atomic counter: small tensors share a chunk, large
+// ones span many, and since the cut does not depend on the thread count, neither does the result.
+//
+// An update describes one element in opmath (float for 16-bit types, double for fp64):
+//   kRoles          tensors per column of the address table: param, grad, then state;
+//   kWrites         bit mask of the roles it writes back;
+//   kCountsSteps    whether each tensor's step counter advances by one per call;
+//   Scalars         per-tensor values derived from the step count and the tensor's flags;
+//   scalars(step, flags) and operator()(Op* values, const Scalars&).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace pyfused {
+namespace PYFUSED_ISA {
+
+constexpr int64_t kAlign = 32;        // elements: 64 bytes for 16-bit types, 128 for float
+constexpr int64_t kChunk = 1 << 14;   // elements per unit of work
+
+// Turns runtime bools into compile-time ones: with_flags(f, a, b) calls f(bool_constant<a>, bool_constant<b>).
+template <class F>
+void with_flags(F&& f) { f(); }
+
+template <class F, class... Rest>
+void with_flags(F&& f, bool first, Rest... rest) {
+  if (first) {
+    with_flags([&](auto... more) { f(std::true_type{}, more...); }, rest...);
+  } else {
+    with_flags([&](auto... more) { f(std::false_type{}, more...); }, rest...);
+  }
+}
+
+template <class T, class Update>
+inline void update_span(const Update& update, T* const* base, int64_t offset, int64_t length,
+                        const typename Update::Scalars& scalars) {
+  using Op = OpMath<T>;
+  constexpr int R = Update::kRoles;
+  T* ptr[R];
+  for (int r = 0; r < R; ++r) ptr[r] = base[r] + offset;
+  // One expression per element; the compiler emits the vector body and the scalar tail from it,
+  // and without contraction (-ffp-contract=off) both round identically.
+#pragma GCC ivdep
+  for (int64_t j = 0; j < length; ++j) {
+    Op v[R];
+    for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
+    update(v, scalars);
+    for (int r = 0; r < R; ++r) {
+      if (Update::kWrites & (1u << r)) store(ptr[r] + j, v[r]);
+    }
+  }
+}
+
+template <class T, class Update>
+void multi_tensor_apply(const Update& update, const TensorTable& table) {
+  using Scalars = typename Update::Scalars;
+  constexpr int R = Update::kRoles;
+  const int64_t n = table.n_tensors;
+  if (n == 0) return;
+
+  // Serial prologue: each step counter advances exactly once, and equal steps share one pow().
+  std::vector<Scalars> scalars(n);
+  std::vector<int64_t> start(n + 1);
+  double last_step = -1;
+  int64_t last_flags = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    double step = 0;
+    if constexpr (Update::kCountsSteps) {
+      if (table.steps_are_double) {
+        auto* s = reinterpret_cast<double*>(table.steps[i]);
+        step = *s += 1.0;
+      } else {
+        auto* s = reinterpret_cast<float*>(table.steps[i]);
+        step = *s += 1.0f;
+      }
+    }
+    int64_t flags = table.flags ? table.flags[i] : 0;
+    if (i == 0 || step != last_step || flags != last_flags) {
+      scalars[i] = update.scalars(step, flags);
+      last_step = step;
+      last_flags = flags;
+    } else {
+      scalars[i] = scalars[i - 1];
+    }
+    start[i + 1] = (start[i] + table.numels[i] + kAlign - 1) / kAlign * kAlign;
+  }
+
+  const int64_t n_chunks = (start[n] + kChunk - 1) / kChunk;
+  const int threads = int(std::min<int64_t>(table.threads, n_chunks));
+  std::atomic<int64_t> next_chunk{0};
+  parallel_run(threads, [&](int) {
+    for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+      const int64_t lo = c * kChunk, hi = lo + kChunk;
+      // The first tensor that ends past lo; tensors are visited in order until one starts at hi.
+      int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+      for (; i < n && start[i] < hi; ++i) {
+        const int64_t begin = std::max(lo, start[i]) - start[i];
+        const int64_t end = std::min(hi - start[i], table.numels[i]);
+        if (end <= begin) continue;
+        T* base[R];
+        for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
+        update_span<T>(update, base, begin, end - begin, scalars[i]);
+      }
+    }
+  });
+}
+
+}  // namespace PYFUSED_ISA
+}  // namespace pyfused

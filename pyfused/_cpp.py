@@ -1,0 +1,36 @@
+"""The CPU backend: hands a bucket's address table to pyfused._C."""
+
+import torch
+
+try:
+    from pyfused import _C
+except ImportError as error:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "pyfused's C++ extension (pyfused._C) is not built or does not load: "
+        f"{error}. Build it from the repository root with `pip install -e .` "
+        "(needs a C++17 compiler and the Python headers)."
+    ) from error
+
+# Must match csrc/kernels.h.
+OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
+
+
+def optimizer_step(kernel: str, bucket, hyper: tuple) -> None:
+    """One call updates every tensor of the bucket, on torch.get_num_threads() threads."""
+    _C.optimizer_step(
+        OPTIMIZERS[kernel],
+        bucket.dtype_code,
+        bucket.n,
+        bucket.numels.buffer_info()[0],
+        bucket.addresses.buffer_info()[0],
+        bucket.steps.buffer_info()[0] if bucket.steps is not None else 0,
+        bucket.steps_are_double,
+        bucket.flags.buffer_info()[0] if bucket.flags is not None else 0,
+        hyper,
+        torch.get_num_threads(),
+    )
+
+
+def isa() -> str:
+    """The instruction set the C++ kernels picked for this CPU."""
+    return _C.isa()

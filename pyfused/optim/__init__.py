@@ -1,0 +1,9 @@
+"""Drop-in replacements for torch.optim's SGD, Adagrad, RMSprop, Adam and AdamW."""
+
+from pyfused.optim.adagrad import Adagrad
+from pyfused.optim.adam import Adam
+from pyfused.optim.adamw import AdamW
+from pyfused.optim.rmsprop import RMSprop
+from pyfused.optim.sgd import SGD
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]

@@ -1,0 +1,31 @@
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from pyfused.optim._fused import FusedOptimizer
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    """torch.optim.Adagrad, with each param group's step fused into one kernel call.
+
+    Arguments, defaults and errors are torch.optim.Adagrad's (which creates the state when it is
+    constructed); state_dicts move freely between the two. Sparse gradients and
+    ``differentiable=True`` are refused. The math: Adagrad in csrc/optimizers.h.
+    """
+
+    _kernel = "adagrad"
+    _torch_class = torch.optim.Adagrad
+
+    def _state_keys(self, group):
+        return ("sum",)
+
+    def _init_state(self, param, group, state):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        if "sum" not in state:
+            value = group["initial_accumulator_value"]
+            value = complex(value, value) if param.is_complex() else value
+            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+        return 0
+
+    def _hyper(self, group):
+        return (group["lr"], group["lr_decay"], group["weight_decay"], group["eps"], group["maximize"])

@@ -1,0 +1,36 @@
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from pyfused.optim._fused import FusedOptimizer
+
+
+class Adam(FusedOptimizer, torch.optim.Adam):
+    """torch.optim.Adam, with each param group's step fused into one kernel call.
+
+    Arguments, defaults and errors are torch.optim.Adam's; state_dicts move freely between the
+    two. ``foreach`` and ``fused`` are accepted and have no effect; ``differentiable=True`` is
+    refused. The math follows torch's for-loop implementation: see Adam in csrc/optimizers.h.
+    """
+
+    _kernel = "adam"
+    _torch_class = torch.optim.Adam
+
+    def _state_keys(self, group):
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, param, group, state):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return 0
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return (
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            group["amsgrad"], group["maximize"], group["decoupled_weight_decay"],
+        )

@@ -1,0 +1,39 @@
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from pyfused.optim._fused import FusedOptimizer
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """torch.optim.RMSprop (momentum, centered), with each param group's step fused into one
+    kernel call.
+
+    Arguments, defaults and errors are torch.optim.RMSprop's; state_dicts move freely between
+    the two. ``differentiable=True`` is refused. The math: Rmsprop in csrc/optimizers.h.
+    """
+
+    _kernel = "rmsprop"
+    _torch_class = torch.optim.RMSprop
+
+    def _state_keys(self, group):
+        # Role order of the kernel: square_avg, then momentum_buffer, then grad_avg.
+        keys = ("square_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        return keys
+
+    def _init_state(self, param, group, state):
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return 0
+
+    def _hyper(self, group):
+        return (
+            group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
+            group["centered"], group["maximize"],
+        )

@@ -1,0 +1,34 @@
+import torch
+
+from pyfused.optim._fused import FusedOptimizer
+
+_FRESH_BUFFER = 1  # csrc/optimizers.h Sgd::kFreshBuffer: the buffer starts as a copy of the grad
+
+
+class SGD(FusedOptimizer, torch.optim.SGD):
+    """torch.optim.SGD (momentum, dampening, Nesterov), with each param group's step fused
+    into one kernel call.
+
+    Arguments, defaults and errors are torch.optim.SGD's; state_dicts move freely between the
+    two. Sparse gradients and ``differentiable=True`` are refused. The math: Sgd in
+    csrc/optimizers.h.
+    """
+
+    _kernel = "sgd"
+    _torch_class = torch.optim.SGD
+    _counts_steps = False
+
+    def _state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _init_state(self, param, group, state):
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            return _FRESH_BUFFER
+        return 0
+
+    def _hyper(self, group):
+        return (
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+            group["nesterov"], group["maximize"],
+        )

@@ -1,0 +1,25 @@
+"""Builds pyfused._C from csrc/ and maps the Triton kernels in kernels/ to pyfused.kernels."""
+
+from glob import glob
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import setup
+
+# The instruction set is chosen at run time (csrc/isa_*.cpp), so nothing here targets the build
+# machine. -ffp-contract=off keeps every instruction-set build rounding identically;
+# -fno-math-errno lets sqrt vectorize.
+extension = Pybind11Extension(
+    "pyfused._C",
+    sorted(glob("csrc/*.cpp")),
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
+)
+
+ParallelCompile("PYFUSED_BUILD_JOBS", default=0).install()
+
+setup(
+    packages=["pyfused", "pyfused.optim", "pyfused.kernels"],
+    package_dir={"pyfused.kernels": "kernels"},
+    ext_modules=[extension],
+    cmdclass={"build_ext": build_ext},
+)
