@@ -25,6 +25,10 @@ from pyfused import _backend, _cpp
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _REAL_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
+_device_of = operator.attrgetter("device")
+_stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -58,6 +62,13 @@ class _Bucket:
         self.where = where  # a function naming a param for error messages
         self.shapes = [p.shape for p in params]
         self.strides = [p.stride() for p in params]
+        self.dtypes = [dtype] * self.n
+        self.devices = [device] * self.n
+        # Picks this bucket's grads out of the group's grad list.
+        if len(positions) == 1:
+            self.select = lambda grads, i=positions[0]: [grads[i]]
+        else:
+            self.select = operator.itemgetter(*positions) if positions else (lambda grads: [])
         # A complex tensor is updated as its real view, as torch does.
         scale = 2 if dtype.is_complex else 1
         self.numels = array.array("q", [p.numel() * scale for p in params])
@@ -92,24 +103,40 @@ class _Bucket:
 
     def load_grads(self, grads):
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive."""
+        grads = self.select(grads)
+        # Metadata is read with map() (C loops); the per-tensor Python loop runs only on a mismatch.
+        try:
+            strides = list(map(_stride_of, grads))
+        except RuntimeError:  # sparse tensors have no strides
+            strides = None
         copies = []
-        addresses = []
-        for position, shape, stride in zip(self.positions, self.shapes, self.strides):
-            g = grads[position]
+        if (
+            strides != self.strides
+            or list(map(_dtype_of, grads)) != self.dtypes
+            or list(map(_shape_of, grads)) != self.shapes
+            or list(map(_device_of, grads)) != self.devices
+        ):
+            grads, copies = self._conform(grads)
+        self.addresses[self.n : 2 * self.n] = array.array("q", map(_data_ptr, grads))
+        return copies
+
+    def _conform(self, grads):
+        """The slow path: names a bad grad, or copies a grad laid out unlike its param."""
+        conformed, copies = [], []
+        for position, g, shape, stride in zip(self.positions, grads, self.shapes, self.strides):
             if g.layout is not torch.strided:
                 raise RuntimeError(f"{self.where(position)}: sparse gradients are not supported")
-            if g.dtype != self.dtype or g.shape != shape:
+            if g.dtype != self.dtype or g.shape != shape or g.device != self.device:
                 raise RuntimeError(
-                    f"{self.where(position)}: its grad ({tuple(g.shape)}, {g.dtype}) does not match "
-                    f"the param ({tuple(shape)}, {self.dtype})"
+                    f"{self.where(position)}: its grad ({tuple(g.shape)}, {g.dtype}, {g.device}) "
+                    f"does not match the param ({tuple(shape)}, {self.dtype}, {self.device})"
                 )
             if g.stride() != stride:
                 # Grads are only read, so a copy in the param's layout gives the right result.
                 g = torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
                 copies.append(g)
-            addresses.append(g.data_ptr())
-        self.addresses[self.n : 2 * self.n] = array.array("q", addresses)
-        return copies
+            conformed.append(g)
+        return conformed, copies
 
 
 class _GroupPlan:
