@@ -140,8 +140,15 @@ def run_interleaved(
     warmup: int = 1,
     device: torch.device = torch.device("cpu"),
     initial_warmup: int = 2,
+    min_rounds: int | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, Stats]:
-    """Round-robin blocks over the cases (see the module docstring). Returns Stats per case name."""
+    """Round-robin blocks over the cases (see the module docstring). Returns Stats per case name.
+
+    With budget_s, rounds stop early once min_rounds are done and budget_s seconds have passed,
+    so a run on a loaded machine (where some paths slow down tenfold) stays bounded. Every case
+    always gets the same number of rounds, hence the same number of calls.
+    """
     stats = {c.name: Stats() for c in cases}
     for c in cases:  # first touches, lazy state, allocator and thread-pool start-up
         for _ in range(initial_warmup):
@@ -150,8 +157,12 @@ def run_interleaved(
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
+    started = time.perf_counter()
+    min_rounds = rounds if min_rounds is None else min(min_rounds, rounds)
     try:
         for r in range(rounds):
+            if budget_s is not None and r >= min_rounds and time.perf_counter() - started > budget_s:
+                break
             shift = r % len(cases)
             for c in cases[shift:] + cases[:shift]:
                 for _ in range(warmup if c.warmup is None else c.warmup):
