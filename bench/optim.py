@@ -240,8 +240,9 @@ def run_cell(device, workload, opt_key, probe, rounds, block, budget_s=None, min
                         bad = bad or not torch.allclose(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
                 results[impl].max_abs_diff = diff
                 results[impl].matches = not bad
+    busy = load.share()
     for r in results.values():
-        r.foreign_load = load.share()
+        r.foreign_load = busy
     del owned, cases, grads
     gc.collect()
     if device.type == "cuda":
