@@ -365,13 +365,19 @@ def plot(results, probes, path: Path) -> None:
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install matplotlib to get one)")
         return
-    panels = sorted({(r.device, r.workload) for r in results.values() if r.workload != "host"},
-                    key=lambda k: (k[0], list(WORKLOADS).index(k[1])))
-    if not panels:
+    devices = sorted({r.device for r in results.values()})
+    panels = {d: [w for w in WORKLOADS if w != "host" and any(r.device == d and r.workload == w for r in results.values())]
+              for d in devices}
+    columns = max((len(p) for p in panels.values()), default=0)
+    if not columns:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(len(devices), columns, figsize=(5.2 * columns, 4.2 * len(devices)), squeeze=False)
     colors = {"pyfused": "#d62728", "torch-forloop": "#7f7f7f", "torch-foreach": "#1f77b4", "torch-fused": "#2ca02c"}
-    for ax, (device, workload) in zip(axes[0], panels):
+    for row, device in enumerate(devices):
+        for ax in axes[row][len(panels[device]):]:
+            ax.axis("off")
+    for ax, (device, workload) in zip([axes[r][c] for r, d in enumerate(devices) for c in range(len(panels[d]))],
+                                      [(d, w) for d in devices for w in panels[d]]):
         opts = [k for k in OPTIMIZERS if any((device, workload, k, i) in results for i in IMPLS)]
         width = 0.8 / len(IMPLS)
         for j, impl in enumerate(IMPLS):
