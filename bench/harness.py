@@ -225,10 +225,6 @@ class BandwidthProbe:
         if "bw:inplace" in stats:
             self.inplace.add(stats["bw:inplace"].samples)
 
-    def measure_alone(self, rounds: int) -> None:
-        """A run of the probes by themselves (at the start, so even a one-case run has figures)."""
-        self.record(run_interleaved(self.cases(), rounds=rounds, block=1, device=self.device))
-
     def gbps(self, kind: str, stats: Stats | None = None) -> float:
         stats = stats if stats is not None else (self.copy if kind == "copy" else self.inplace)
         return self.bytes(kind) / stats.p50 / 1e9 if stats.n else math.nan
