@@ -113,6 +113,7 @@ class Target:
 
 ALL = tuple(OPTIMIZERS)
 NOISY_LOAD = 0.10  # other processes' CPU share above which a target's verdict is flagged unreliable
+BANDWIDTH_DIP = 0.75  # a cell whose own copy probe falls below this share of the run's is flagged too
 TARGETS = [
     # issue 2, CPU (2 cores)
     Target("cpu", "large", ("adam", "adamw", "sgd", "adagrad"), "speedup", "torch-fused", 1.2),
@@ -312,7 +313,7 @@ def _match(r: Result) -> str | None:
 
 
 def check_targets(results, devices, optimizers, workloads):
-    """[(label, measured text, need text, status)] for every target this run can speak to."""
+    """One dict per (target, optimizer) this run can speak to: label, measured, need, status, note."""
     out = []
     for t in TARGETS:
         if t.device not in devices or t.workload not in workloads.get(t.device, ()):
@@ -347,13 +348,25 @@ def check_targets(results, devices, optimizers, workloads):
                 status, measured = "N/A", f"({why})"
             else:
                 status = "PASS" if passed else "FAIL"
-            busy = mine.foreign_load if mine is not None else math.nan
-            if busy > NOISY_LOAD:
-                note = "; ".join(x for x in (note, f"unreliable: other processes took {100 * busy:.0f}% of the CPUs") if x)
+            note = "; ".join(x for x in [note, *noise_flags(mine)] if x)
             out.append({"target": label, "measured": measured, "need": need, "status": status, "note": note,
                         "value": value, "threshold": t.threshold, "device": t.device, "workload": t.workload,
                         "optimizer": opt_key, "kind": t.kind, "baseline": t.baseline})
     return out
+
+
+def noise_flags(r: Result | None) -> list[str]:
+    """Why a cell's figures may not be representative: other processes on our CPUs, or a memory
+    bandwidth dip (e.g. a neighbour on the same host) seen by the probes that ran with the cell."""
+    if r is None:
+        return []
+    flags = []
+    if r.foreign_load > NOISY_LOAD:
+        flags.append(f"unreliable: other processes took {100 * r.foreign_load:.0f}% of the CPUs")
+    if r.local_copy_gbps < BANDWIDTH_DIP * r.copy_gbps:
+        flags.append(f"unreliable: copy bandwidth in this cell {r.local_copy_gbps:.0f} GB/s, run median "
+                     f"{r.copy_gbps:.0f}")
+    return flags
 
 
 def plot(results, probes, path: Path) -> None:
