@@ -69,6 +69,22 @@ def test_step_counts_in_float64_under_float64_default_dtype():
     assert steps and all(s.dtype == torch.float64 for s in steps)
 
 
+FP64_TENSOR_HYPER = [
+    oc.OptimCase("Adagrad", {"lr": torch.tensor(0.1, dtype=torch.float64), "lr_decay": 0.01}, "fp64_tensor_lr"),
+    oc.OptimCase("Adam", {"lr": torch.tensor(0.01, dtype=torch.float64), "weight_decay": 0.0625}, "fp64_tensor_lr"),
+    oc.OptimCase("AdamW", {"lr": torch.tensor(0.01, dtype=torch.float64), "weight_decay": 0.0625}, "fp64_tensor_lr"),
+    oc.OptimCase("AdamW", {"lr": 0.01, "betas": (torch.tensor(0.9, dtype=torch.float64),
+                                                  torch.tensor(0.999, dtype=torch.float64))}, "fp64_tensor_betas"),
+]
+
+
+@pytest.mark.parametrize("case", FP64_TENSOR_HYPER, ids=lambda c: c.id)
+def test_fp64_params_with_fp64_tensor_hyperparameters(case):
+    """The counterpart of the fp64 tensor_lr/tensor_betas xfails: with fp64 tensors torch's
+    derived scalars are fp64 too, and pyfused matches."""
+    check_parity(case, DTYPES_BY_NAME["fp64"])
+
+
 # --- the checks above can fail -------------------------------------------------------------------
 
 WRONG = [
