@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyfused
 from pyfused import _cpp
 
 import optim_cases as oc
