@@ -142,12 +142,14 @@ def run_interleaved(
     initial_warmup: int = 2,
     min_rounds: int | None = None,
     budget_s: float | None = None,
+    hard_budget_s: float | None = None,
 ) -> dict[str, Stats]:
     """Round-robin blocks over the cases (see the module docstring). Returns Stats per case name.
 
     With budget_s, rounds stop early once min_rounds are done and budget_s seconds have passed,
-    so a run on a loaded machine (where some paths slow down tenfold) stays bounded. Every case
-    always gets the same number of rounds, hence the same number of calls.
+    so a run on a loaded machine (where some paths slow down tenfold) stays bounded; after
+    hard_budget_s they stop even short of min_rounds. Every case always gets the same number of
+    rounds, hence the same number of calls.
     """
     stats = {c.name: Stats() for c in cases}
     for c in cases:  # first touches, lazy state, allocator and thread-pool start-up
@@ -161,7 +163,10 @@ def run_interleaved(
     min_rounds = rounds if min_rounds is None else min(min_rounds, rounds)
     try:
         for r in range(rounds):
-            if budget_s is not None and r >= min_rounds and time.perf_counter() - started > budget_s:
+            elapsed = time.perf_counter() - started
+            if budget_s is not None and r >= min_rounds and elapsed > budget_s:
+                break
+            if hard_budget_s is not None and r >= 1 and elapsed > hard_budget_s:
                 break
             shift = r % len(cases)
             for c in cases[shift:] + cases[:shift]:
@@ -182,21 +187,23 @@ class BandwidthProbe:
     """Copy and in-place `a += s*b` bandwidth on float32 buffers well beyond the caches.
 
     `cases()` gives the two probe cases to put into every interleaved run; `record()` keeps their
-    samples; `copy` and `inplace` are the pooled Stats (seconds per call); `gbps(kind)` the median
-    bandwidth in GB/s (1e9 bytes per second).
+    samples, marked quiet or not (whether other processes left the machine alone meanwhile);
+    `copy` and `inplace` are the pooled Stats (seconds per call) of the quiet samples when there
+    are at least `min_quiet` of them, else of all samples; `gbps(kind)` is their median bandwidth
+    in GB/s (1e9 bytes per second).
     """
 
     COPY_ACCESSES = 2  # read src, write dst
     INPLACE_ACCESSES = 3  # read a, read b, write a
 
-    def __init__(self, device: torch.device, mib: int = 256, samples_per_round: int = 2):
+    def __init__(self, device: torch.device, mib: int = 256, samples_per_round: int = 2, min_quiet: int = 20):
         self.device = device
         self.numel = mib * 2**20 // 4
         self.a = torch.full((self.numel,), 1.0, dtype=torch.float32, device=device)
         self.b = torch.full((self.numel,), 0.5, dtype=torch.float32, device=device)
         self.samples_per_round = samples_per_round
-        self.copy = Stats()
-        self.inplace = Stats()
+        self.min_quiet = min_quiet
+        self.pools = {(kind, quiet): Stats() for kind in ("copy", "inplace") for quiet in (True, False)}
 
     @property
     def mib(self) -> int:
@@ -218,20 +225,43 @@ class BandwidthProbe:
             Case("bw:inplace", self._inplace, block=self.samples_per_round, warmup=0),
         ]
 
-    def record(self, stats: dict[str, Stats]) -> None:
+    def record(self, stats: dict[str, Stats], quiet: bool = True) -> None:
         """Pools the probe samples of one interleaved run."""
-        if "bw:copy" in stats:
-            self.copy.add(stats["bw:copy"].samples)
-        if "bw:inplace" in stats:
-            self.inplace.add(stats["bw:inplace"].samples)
+        for kind in ("copy", "inplace"):
+            if f"bw:{kind}" in stats:
+                self.pools[(kind, quiet)].add(stats[f"bw:{kind}"].samples)
+
+    @property
+    def quiet_only(self) -> bool:
+        return self.pools[("copy", True)].n >= self.min_quiet
+
+    def _pooled(self, kind: str) -> Stats:
+        if self.quiet_only:
+            return self.pools[(kind, True)]
+        return Stats(self.pools[(kind, True)].samples + self.pools[(kind, False)].samples)
+
+    @property
+    def copy(self) -> Stats:
+        return self._pooled("copy")
+
+    @property
+    def inplace(self) -> Stats:
+        return self._pooled("inplace")
+
+    @property
+    def basis(self) -> str:
+        quiet, loud = self.pools[("copy", True)].n, self.pools[("copy", False)].n
+        if self.quiet_only:
+            return f"{quiet} samples from the quiet cells" + (f", {loud} from loaded cells left out" if loud else "")
+        return f"{quiet + loud} samples, {loud} of them taken while other processes loaded the machine"
 
     def gbps(self, kind: str, stats: Stats | None = None) -> float:
-        stats = stats if stats is not None else (self.copy if kind == "copy" else self.inplace)
+        stats = stats if stats is not None else self._pooled(kind)
         return self.bytes(kind) / stats.p50 / 1e9 if stats.n else math.nan
 
     def gbps_range(self, kind: str) -> tuple[float, float]:
         """(GB/s at the slow p80 time, GB/s at the fast p20 time)."""
-        stats = self.copy if kind == "copy" else self.inplace
+        stats = self._pooled(kind)
         return self.bytes(kind) / stats.p80 / 1e9, self.bytes(kind) / stats.p20 / 1e9
 
     def release(self) -> None:

@@ -154,6 +154,7 @@ class Result:
     local_copy_gbps: float = math.nan  # this cell's own probe samples
     local_inplace_gbps: float = math.nan
     foreign_load: float = math.nan  # other processes' share of the CPUs while this cell ran
+    planned_samples: int = 0  # the fewest samples a cell should have; fewer means it hit its time cap
 
     @property
     def ok(self) -> bool:
@@ -221,7 +222,8 @@ def run_cell(device, workload, opt_key, probe, rounds, block, budget_s=None, min
     del params
     if cases:
         stats = harness.run_interleaved(cases + probe.cases(), rounds=rounds, block=block, device=device,
-                                        min_rounds=math.ceil(min_samples / block), budget_s=budget_s)
+                                        min_rounds=math.ceil(min_samples / block), budget_s=budget_s,
+                                        hard_budget_s=None if budget_s is None else 2 * budget_s)
         probe_stats = {k: stats[k] for k in ("bw:copy", "bw:inplace")}
         local_copy = probe.gbps("copy", stats["bw:copy"])
         local_inplace = probe.gbps("inplace", stats["bw:inplace"])
@@ -229,6 +231,7 @@ def run_cell(device, workload, opt_key, probe, rounds, block, budget_s=None, min
             results[impl].stats = stats[impl]
             results[impl].local_copy_gbps = local_copy
             results[impl].local_inplace_gbps = local_inplace
+            results[impl].planned_samples = min(min_samples, rounds * block)
         # Every implementation ran the same steps on the same grads: their params must agree.
         reference = next((i for i in ("torch-forloop", "torch-foreach", "torch-fused") if i in owned), None)
         if reference is not None:
@@ -363,6 +366,8 @@ def noise_flags(r: Result | None) -> list[str]:
     flags = []
     if r.foreign_load > NOISY_LOAD:
         flags.append(f"unreliable: other processes took {100 * r.foreign_load:.0f}% of the CPUs")
+    if r.ok and r.stats.n < r.planned_samples:
+        flags.append(f"only {r.stats.n} samples (the cell hit its time cap)")
     if r.local_copy_gbps < BANDWIDTH_DIP * r.copy_gbps:
         flags.append(f"unreliable: copy bandwidth in this cell {r.local_copy_gbps:.0f} GB/s, run median "
                      f"{r.copy_gbps:.0f}")
@@ -430,13 +435,14 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 10; --quick 2)")
     p.add_argument("--block", type=int, default=None, help="timed steps per case per round (default 5; --quick 2)")
     p.add_argument("--cell-seconds", type=float, default=12.0,
-                   help="stop a (workload, optimizer) cell's rounds after this long, once every case has "
-                        "20 samples (default 12; bounds the run on a loaded machine)")
+                   help="stop a (workload, optimizer) cell's rounds after this long once every case has "
+                        "20 samples, and after twice this long in any case (default 12; bounds the run "
+                        "on a loaded machine)")
     p.add_argument("--retries", type=int, default=2,
                    help="measure a cell again, up to this many times, while other processes took more than "
                         f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 2)")
-    p.add_argument("--retry-until", type=float, default=150.0,
-                   help="no retries once the run has lasted this many seconds (default 150)")
+    p.add_argument("--retry-until", type=float, default=180.0,
+                   help="no retry that would take the run past this many seconds (default 180)")
     p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
@@ -511,11 +517,11 @@ def main(argv=None) -> int:
                           f"other processes {100 * busy:.0f}% of the CPUs", flush=True)
                     if best is None or not busy >= best[2]:  # NaN load (no /proc): keep the first
                         best = (cell, probe_stats, busy)
-                    if not busy > NOISY_LOAD or time.perf_counter() - started > args.retry_until:
+                    if not busy > NOISY_LOAD or time.perf_counter() - started + (time.perf_counter() - t0) > args.retry_until:
                         break
                     print("    measuring this cell again (kept: the attempt with the least foreign load)")
-                cell, probe_stats, _ = best
-                probe.record(probe_stats)
+                cell, probe_stats, busy = best
+                probe.record(probe_stats, quiet=not busy > NOISY_LOAD)
                 for impl, r in cell.items():
                     results[(device.type, workload, opt_key, impl)] = r
         probe.release()
@@ -536,11 +542,12 @@ def main(argv=None) -> int:
             stats = probe.copy if kind == "copy" else probe.inplace
             lo, hi = probe.gbps_range(kind)
             print(f"{kind + ' bandwidth:':20} {probe.gbps(kind):6.1f} GB/s  [p80..p20 time: {lo:.1f}..{hi:.1f}]  "
-                  f"({what}, 2 x {probe.mib} MiB fp32, {stats.n} samples over the run)")
+                  f"({what}, 2 x {probe.mib} MiB fp32)")
             out.append({"kind": "bandwidth", "device": dev, "probe": kind, "gbps": probe.gbps(kind),
                         "gbps_p80_time": lo, "gbps_p20_time": hi, "buffer_mib": probe.mib,
-                        "bytes_per_call": probe.bytes(kind), "ms_p50": stats.p50 * 1e3,
+                        "bytes_per_call": probe.bytes(kind), "basis": probe.basis, "ms_p50": stats.p50 * 1e3,
                         "ms_p20": stats.p20 * 1e3, "ms_p80": stats.p80 * 1e3, "n_samples": stats.n})
+        print(f"{'':20} probes interleaved with every cell; {probe.basis}")
         text = step_table(results, dev)
         if text:
             print("\n" + text)
