@@ -448,16 +448,36 @@ def _json_default(value):
     return str(value)
 
 
-def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
-    """A fixed-width text table. align: one 'l' or 'r' per column (default: first columns left
-    until the first numeric column)."""
+def table(headers: list[str], rows: list[list], align: str | None = None, sep: str = "  ",
+          groups: list[tuple[str, int]] | None = None) -> str:
+    """A fixed-width text table.
+
+    align: one 'l' or 'r' per column (default: 'r' for columns holding numbers). groups: optional
+    (title, number of columns) pairs, left to right, printed as a line of titles above the headers.
+    """
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     if align is None:
         align = "".join("r" if any(isinstance(row[i], (int, float)) for row in rows) else "l" for i in range(len(headers)))
+
     def fmt(values):
-        return "  ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-    out = [fmt(headers), fmt(["-" * w for w in widths])]
+        return sep.join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
+
+    out = []
+    if groups:  # widen a group's first column where its title needs the room
+        start = 0
+        for title, span in groups:
+            width = sum(widths[start:start + span]) + len(sep) * (span - 1)
+            if title and width < len(title) + 2:
+                widths[start] += len(title) + 2 - width
+            start += span
+        titles, start = [], 0
+        for title, span in groups:
+            width = sum(widths[start:start + span]) + len(sep) * (span - 1)
+            titles.append(title.center(width, "-") if title else " " * width)
+            start += span
+        out.append(sep.join(titles).rstrip())
+    out += [fmt(headers), fmt(["-" * w for w in widths])]
     out += [fmt(r) for r in cells]
     return "\n".join(out)
 

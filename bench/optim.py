@@ -300,6 +300,47 @@ def host_table(results, device) -> str:
     return harness.table(headers, rows, align="llrrrrrl") + _not_run(results, device, True) if rows else ""
 
 
+def wide_table(results, device, host=False) -> str:
+    """One row per (workload, optimizer), the implementations side by side."""
+    impls = HOST_IMPLS if host else IMPLS
+    cells = list(dict.fromkeys((w, o) for (d, w, o, _i) in results if d == device and (w == "host") == host))
+    if not cells:
+        return ""
+    headers, groups = (["optimizer"], [("", 1)]) if host else (["workload", "optimizer"], [("", 2)])
+    for impl in impls:
+        cols = ["ms", "us/t"] if host else ["ms", "GB/s", "%cp", "%ip"]
+        if impl != "pyfused":
+            cols.append("x")
+        headers += cols
+        groups.append((f" {impl} ", len(cols)))
+    headers += ["noise", "load", "check"]
+    groups.append(("", 3))
+    rows = []
+    for workload, opt_key in cells:
+        row = [] if host else [workload]
+        row.append(OPTIMIZERS[opt_key].name)
+        spreads, checks, load = [], [], math.nan
+        for impl in impls:
+            r = results.get((device, workload, opt_key, impl))
+            ok = r is not None and r.ok
+            if ok:
+                spreads.append(r.stats.spread)
+                checks.append(r.matches)
+                load = r.foreign_load
+            if host:
+                row += [r.ms, r.us_per_tensor] if ok else ["n/a", None]
+            else:
+                row += ([r.ms, r.gbps, round(100 * r.gbps / r.copy_gbps), round(100 * r.gbps / r.inplace_gbps)]
+                        if ok else ["n/a", None, None, None])
+            if impl != "pyfused":
+                row.append(f"{speedup(results, device, workload, opt_key, impl):.2f}x" if ok else None)
+        row += [f"{100 * max(spreads):.0f}%" if spreads else None, f"{100 * load:.0f}%" if math.isfinite(load) else None,
+                "MISMATCH" if False in checks else ("ok" if True in checks else None)]
+        rows.append(row)
+    align = ("l" if host else "ll") + "r" * (len(headers) - (1 if host else 2) - 1) + "l"
+    return harness.table(headers, rows, align=align, sep=" ", groups=groups) + _not_run(results, device, host)
+
+
 def _not_run(results, device, host) -> str:
     """One line per distinct reason an implementation was not measured."""
     reasons = {}
@@ -331,7 +372,7 @@ def check_targets(results, devices, optimizers, workloads):
                 base = results.get((t.device, t.workload, opt_key, baseline))
                 if baseline == "torch-fused" and (base is None or not base.ok):
                     baseline = "torch-foreach"
-                    note = f"torch has no fused {name} here; vs torch-foreach"
+                    note = f"torch has no fused {name}"
                 label = f"{t.device} {t.workload:5} {name:7} pyfused vs {baseline}"
                 value = speedup(results, t.device, t.workload, opt_key, baseline)
                 measured, need = f"{value:.2f}x", f">= {t.threshold:.2f}x"
@@ -365,13 +406,12 @@ def noise_flags(r: Result | None) -> list[str]:
         return []
     flags = []
     if r.foreign_load > NOISY_LOAD:
-        flags.append(f"unreliable: other processes took {100 * r.foreign_load:.0f}% of the CPUs")
+        flags.append(f"load {100 * r.foreign_load:.0f}%")
     if r.ok and r.stats.n < r.planned_samples:
-        flags.append(f"only {r.stats.n} samples (the cell hit its time cap)")
+        flags.append(f"{r.stats.n} samples (time cap)")
     if r.local_copy_gbps < BANDWIDTH_DIP * r.copy_gbps:
-        flags.append(f"unreliable: copy bandwidth in this cell {r.local_copy_gbps:.0f} GB/s, run median "
-                     f"{r.copy_gbps:.0f}")
-    return flags
+        flags.append(f"copy bw {r.local_copy_gbps:.0f} of {r.copy_gbps:.0f} GB/s")
+    return [f"UNRELIABLE: {', '.join(flags)}"] if flags else []
 
 
 def plot(results, probes, path: Path) -> None:
@@ -438,13 +478,15 @@ def parse_args(argv=None):
                    help="stop a (workload, optimizer) cell's rounds after this long once every case has "
                         "20 samples, and after twice this long in any case (default 12; bounds the run "
                         "on a loaded machine)")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=int, default=1,
                    help="measure a cell again, up to this many times, while other processes took more than "
-                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 2)")
-    p.add_argument("--retry-until", type=float, default=180.0,
-                   help="no retry that would take the run past this many seconds (default 180)")
+                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 1)")
+    p.add_argument("--retry-until", type=float, default=120.0,
+                   help="no retry that would take the run past this many seconds (default 120)")
     p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--long", action="store_true",
+                   help="one table row per implementation, with p20 and p80 (default: implementations side by side)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target FAILs or pyfused did not run")
     args = p.parse_args(argv)
@@ -548,12 +590,19 @@ def main(argv=None) -> int:
                         "bytes_per_call": probe.bytes(kind), "basis": probe.basis, "ms_p50": stats.p50 * 1e3,
                         "ms_p20": stats.p20 * 1e3, "ms_p80": stats.p80 * 1e3, "n_samples": stats.n})
         print(f"{'':20} probes interleaved with every cell; {probe.basis}")
-        text = step_table(results, dev)
+        if args.long:
+            text, host_text = step_table(results, dev), host_table(results, dev)
+        else:
+            text, host_text = wide_table(results, dev), wide_table(results, dev, host=True)
+            print("ms = median ms/step; GB/s at the median; %cp, %ip = GB/s as % of the copy and in-place "
+                  "bandwidths above;\nx = that torch path's time / pyfused's (pyfused speedup); noise = largest "
+                  "(p80-p20)/median of the row;\nload = other processes' CPU share during the row; check = "
+                  "params of all paths agree after the run")
         if text:
             print("\n" + text)
-        text = host_table(results, dev)
-        if text:
-            print(f"\nhost overhead: {WORKLOADS['host'][0]}; us/tensor/step = step time / 2,000\n" + text)
+        if host_text:
+            print(f"\nhost overhead, {WORKLOADS['host'][0]}: us/t = us per tensor per step (step time / 2,000)\n"
+                  + host_text)
 
     for (dev, workload, opt_key, impl), r in results.items():
         row = {"kind": "step", "device": dev, "workload": workload, "workload_desc": WORKLOADS[workload][0],
