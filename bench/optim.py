@@ -395,7 +395,7 @@ def check_targets(results, devices, optimizers, workloads):
             note = "; ".join(x for x in [note, *noise_flags(mine)] if x)
             out.append({"target": label, "measured": measured, "need": need, "status": status, "note": note,
                         "value": value, "threshold": t.threshold, "device": t.device, "workload": t.workload,
-                        "optimizer": opt_key, "kind": t.kind, "baseline": t.baseline})
+                        "optimizer": opt_key, "check": t.kind, "baseline": t.baseline})
     return out
 
 
