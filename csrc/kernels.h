@@ -25,7 +25,10 @@ struct TensorTable {
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
   int hyper_size(Optimizer);                                                           \
+  int scalars_per_tensor(Optimizer);                                                   \
   void optimizer_step(Optimizer, DType, const TensorTable&, const double* hyper);      \
+  /* advances the steps and writes the per-tensor scalars, for the Triton backend */  \
+  void tensor_scalars(Optimizer, DType, const TensorTable&, const double* hyper, double* out); \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

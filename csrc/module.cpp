@@ -18,10 +18,13 @@ namespace {
 struct Isa {
   const char* name;
   int (*hyper_size)(Optimizer);
+  int (*scalars_per_tensor)(Optimizer);
   void (*optimizer_step)(Optimizer, DType, const TensorTable&, const double*);
+  void (*tensor_scalars)(Optimizer, DType, const TensorTable&, const double*, double*);
 };
 
-#define PYFUSED_ISA_ENTRY(isa) Isa{#isa, isa::hyper_size, isa::optimizer_step}
+#define PYFUSED_ISA_ENTRY(isa) \
+  Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
 Isa pick_isa() {
@@ -55,15 +58,21 @@ const Isa& isa() {
 template <class T>
 const T* address(uintptr_t value) { return reinterpret_cast<const T*>(value); }
 
+Optimizer checked_optimizer(int optimizer, int dtype, const std::vector<double>& hyper) {
+  if (optimizer < 0 || optimizer > int(Optimizer::kAdam)) throw py::value_error("unknown optimizer");
+  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
+  int expected = isa().hyper_size(Optimizer(optimizer));
+  if (int(hyper.size()) != expected) {
+    throw py::value_error("expected " + std::to_string(expected) + " hyperparameters, got " +
+                          std::to_string(hyper.size()));
+  }
+  return Optimizer(optimizer);
+}
+
 void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
                     uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
                     const std::vector<double>& hyper, int threads) {
-  if (optimizer < 0 || optimizer > int(Optimizer::kAdam)) throw py::value_error("unknown optimizer");
-  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
-  if (int(hyper.size()) != isa().hyper_size(Optimizer(optimizer))) {
-    throw py::value_error("expected " + std::to_string(isa().hyper_size(Optimizer(optimizer))) +
-                          " hyperparameters, got " + std::to_string(hyper.size()));
-  }
+  Optimizer which = checked_optimizer(optimizer, dtype, hyper);
   TensorTable table{n_tensors,
                     address<int64_t>(numels),
                     address<int64_t>(addresses),
@@ -72,7 +81,16 @@ void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numel
                     address<int64_t>(flags),
                     threads < 1 ? 1 : threads};
   py::gil_scoped_release no_gil;
-  isa().optimizer_step(Optimizer(optimizer), DType(dtype), table, hyper.data());
+  isa().optimizer_step(which, DType(dtype), table, hyper.data());
+}
+
+void tensor_scalars(int optimizer, int dtype, int64_t n_tensors, uintptr_t steps,
+                    bool steps_are_double, uintptr_t flags, const std::vector<double>& hyper,
+                    uintptr_t out) {
+  Optimizer which = checked_optimizer(optimizer, dtype, hyper);
+  TensorTable table{n_tensors, nullptr, nullptr, address<int64_t>(steps), steps_are_double,
+                    address<int64_t>(flags), 1};
+  isa().tensor_scalars(which, DType(dtype), table, hyper.data(), reinterpret_cast<double*>(out));
 }
 
 }  // namespace
@@ -85,6 +103,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("steps_are_double"), py::arg("flags"), py::arg("hyper"), py::arg("threads"),
         "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
         "flags are addresses of int64 arrays (0 for an absent row).");
+  m.def("tensor_scalars", &pyfused::tensor_scalars, py::arg("optimizer"), py::arg("dtype"),
+        py::arg("n_tensors"), py::arg("steps"), py::arg("steps_are_double"), py::arg("flags"),
+        py::arg("hyper"), py::arg("out"),
+        "Advances the step counters like optimizer_step and writes each tensor's scalars, as\n"
+        "doubles, scalars_per_tensor(optimizer) per tensor, to the buffer at out.");
+  m.def("scalars_per_tensor", [](int optimizer) {
+    return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
+  });
   m.def("isa", [] { return std::string(pyfused::isa().name); },
         "The instruction set the kernels run with.");
 }

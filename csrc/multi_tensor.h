@@ -9,13 +9,15 @@
 //   kRoles          tensors per column of the address table: param, grad, then state;
 //   kWrites         bit mask of the roles it writes back;
 //   kCountsSteps    whether each tensor's step counter advances by one per call;
-//   Scalars         per-tensor values derived from the step count and the tensor's flags;
+//   Scalars         per-tensor values derived from the step count and the tensor's flags,
+//                   kScalars fields of type Op (so another backend can be handed them);
 //   scalars(step, flags) and operator()(Op* values, const Scalars&).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -62,27 +64,20 @@ inline void update_span(const Update& update, T* const* base, int64_t offset, in
   }
 }
 
-template <class T, class Update>
-void multi_tensor_apply(const Update& update, const TensorTable& table) {
-  using Scalars = typename Update::Scalars;
-  constexpr int R = Update::kRoles;
-  const int64_t n = table.n_tensors;
-  if (n == 0) return;
-
-  // Serial prologue: each step counter advances exactly once, and equal steps share one pow().
-  std::vector<Scalars> scalars(n);
-  std::vector<int64_t> start(n + 1);
+// Advances each tensor's step counter exactly once and derives its scalars (equal steps share one
+// pow()). Serial: it is O(tensors), and every chunk of a tensor must see the same step.
+template <class Update>
+void prepare_tensors(const Update& update, const TensorTable& table,
+                     typename Update::Scalars* scalars) {
   double last_step = -1;
   int64_t last_flags = -1;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < table.n_tensors; ++i) {
     double step = 0;
     if constexpr (Update::kCountsSteps) {
       if (table.steps_are_double) {
-        auto* s = reinterpret_cast<double*>(table.steps[i]);
-        step = *s += 1.0;
+        step = *reinterpret_cast<double*>(table.steps[i]) += 1.0;
       } else {
-        auto* s = reinterpret_cast<float*>(table.steps[i]);
-        step = *s += 1.0f;
+        step = *reinterpret_cast<float*>(table.steps[i]) += 1.0f;
       }
     }
     int64_t flags = table.flags ? table.flags[i] : 0;
@@ -93,6 +88,35 @@ void multi_tensor_apply(const Update& update, const TensorTable& table) {
     } else {
       scalars[i] = scalars[i - 1];
     }
+  }
+}
+
+// For a backend that runs the elements elsewhere (Triton): the per-tensor scalars, widened to
+// double (exactly), Update::kScalars of them per tensor.
+template <class T, class Update>
+void export_tensor_scalars(const Update& update, const TensorTable& table, double* out) {
+  using Op = OpMath<T>;
+  using Scalars = typename Update::Scalars;
+  std::vector<Scalars> scalars(table.n_tensors);
+  prepare_tensors(update, table, scalars.data());
+  for (int64_t i = 0; i < table.n_tensors; ++i) {
+    Op fields[Update::kScalars + 1];
+    std::memcpy(fields, &scalars[i], Update::kScalars * sizeof(Op));
+    for (int k = 0; k < Update::kScalars; ++k) out[i * Update::kScalars + k] = double(fields[k]);
+  }
+}
+
+template <class T, class Update>
+void multi_tensor_apply(const Update& update, const TensorTable& table) {
+  using Scalars = typename Update::Scalars;
+  constexpr int R = Update::kRoles;
+  const int64_t n = table.n_tensors;
+  if (n == 0) return;
+
+  std::vector<Scalars> scalars(n);
+  prepare_tensors(update, table, scalars.data());
+  std::vector<int64_t> start(n + 1);
+  for (int64_t i = 0; i < n; ++i) {
     start[i + 1] = (start[i] + table.numels[i] + kAlign - 1) / kAlign * kAlign;
   }
 

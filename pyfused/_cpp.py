@@ -31,6 +31,20 @@ def optimizer_step(kernel: str, bucket, hyper: tuple) -> None:
     )
 
 
+def tensor_scalars(kernel: str, bucket, hyper: tuple, out: int) -> None:
+    """Advances the bucket's steps and writes its per-tensor scalars (doubles) at address out."""
+    _C.tensor_scalars(
+        OPTIMIZERS[kernel],
+        bucket.dtype_code,
+        bucket.n,
+        bucket.steps.buffer_info()[0] if bucket.steps is not None else 0,
+        bucket.steps_are_double,
+        bucket.flags.buffer_info()[0] if bucket.flags is not None else 0,
+        hyper,
+        out,
+    )
+
+
 def isa() -> str:
     """The instruction set the C++ kernels picked for this CPU."""
     return _C.isa()

@@ -309,8 +309,9 @@ class FusedOptimizer:
 def _run(kernel, bucket, hyper):
     if bucket.n == 0:
         return
-    backend = _backend.backend_for(bucket.device)
-    if backend == "cpp":
+    if _backend.backend_for(bucket.device) == "cpp":
         _cpp.optimizer_step(kernel, bucket, hyper)
     else:
-        raise NotImplementedError(f"pyfused's {backend} backend is not available yet")
+        from pyfused import _triton  # imports triton: only once a step needs it
+
+        _triton.optimizer_step(kernel, bucket, hyper)

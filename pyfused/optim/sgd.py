@@ -23,7 +23,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     def _init_state(self, param, group, state):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             return _FRESH_BUFFER
         return 0
 
