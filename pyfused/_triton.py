@@ -14,7 +14,8 @@ from pyfused import _cpp
 
 _OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}  # kernels/multi_tensor.py
 # Compiled kernels want enough programs per SM; the interpreter wants few, large blocks.
-_BLOCK, _CHUNK = (4096, 16384) if os.environ.get("TRITON_INTERPRET") == "1" else (1024, 16384)
+_COMPILED_BLOCK, _COMPILED_CHUNK = 1024, 16384
+_BLOCK, _CHUNK = (4096, 16384) if os.environ.get("TRITON_INTERPRET") == "1" else (_COMPILED_BLOCK, _COMPILED_CHUNK)
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x; a larger bucket takes several launches
 
 

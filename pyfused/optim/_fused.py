@@ -240,8 +240,11 @@ class FusedOptimizer:
         name = f"pyfused.optim.{type(self).__name__}"
         if group.get("differentiable"):
             raise RuntimeError(f"{name} does not support `differentiable`; use torch.optim for that")
-        if group.get("capturable") and any(p.device.type != "cuda" for p in group["params"]):
-            raise RuntimeError(f"{name} supports capturable=True only for CUDA params")
+        if group.get("capturable"):
+            raise RuntimeError(
+                f"{name} does not support capturable=True (a step captured in a CUDA graph) yet; "
+                "use torch.optim for that"
+            )
 
     def step(self, closure=None):
         """Performs a single optimization step, one kernel call per (param group, dtype).
