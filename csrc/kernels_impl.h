@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "norm.h"
 #include "optimizers.h"
 
 namespace pyfused {
@@ -69,6 +70,16 @@ void optimizer_step(Optimizer optimizer, DType dtype, const TensorTable& table, 
     case DType::kFloat16: return step_for_type<Half>(optimizer, table, hyper);
     case DType::kBFloat16: return step_for_type<BFloat16>(optimizer, table, hyper);
   }
+}
+
+double norm_powered_sum(DType dtype, const TensorTable& table, int kind, double p) {
+  switch (dtype) {
+    case DType::kFloat32: return powered_sum_of_kind<float>(table, NormKind(kind), p);
+    case DType::kFloat64: return powered_sum_of_kind<double>(table, NormKind(kind), p);
+    case DType::kFloat16: return powered_sum_of_kind<Half>(table, NormKind(kind), p);
+    case DType::kBFloat16: return powered_sum_of_kind<BFloat16>(table, NormKind(kind), p);
+  }
+  return 0;
 }
 
 void tensor_scalars(Optimizer optimizer, DType dtype, const TensorTable& table, const double* hyper,

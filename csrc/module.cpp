@@ -21,10 +21,12 @@ struct Isa {
   int (*scalars_per_tensor)(Optimizer);
   void (*optimizer_step)(Optimizer, DType, const TensorTable&, const double*);
   void (*tensor_scalars)(Optimizer, DType, const TensorTable&, const double*, double*);
+  double (*norm_powered_sum)(DType, const TensorTable&, int, double);
 };
 
 #define PYFUSED_ISA_ENTRY(isa) \
-  Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars}
+  Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars, \
+      isa::norm_powered_sum}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
 Isa pick_isa() {
@@ -71,7 +73,8 @@ Optimizer checked_optimizer(int optimizer, int dtype, const std::vector<double>&
 
 void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
                     uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
-                    const std::vector<double>& hyper, int threads) {
+                    const std::vector<double>& hyper, int threads, double grad_divisor,
+                    double grad_multiplier, bool store_grads) {
   Optimizer which = checked_optimizer(optimizer, dtype, hyper);
   TensorTable table{n_tensors,
                     address<int64_t>(numels),
@@ -79,9 +82,22 @@ void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numel
                     address<int64_t>(steps),
                     steps_are_double,
                     address<int64_t>(flags),
-                    threads < 1 ? 1 : threads};
+                    threads < 1 ? 1 : threads,
+                    grad_divisor,
+                    grad_multiplier,
+                    store_grads};
   py::gil_scoped_release no_gil;
   isa().optimizer_step(which, DType(dtype), table, hyper.data());
+}
+
+double norm_powered_sum(int dtype, int64_t n_tensors, uintptr_t numels, uintptr_t addresses,
+                        int kind, double p, int threads) {
+  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
+  if (kind < 0 || kind > 4) throw py::value_error("unknown norm kind");
+  TensorTable table{n_tensors, address<int64_t>(numels), address<int64_t>(addresses), nullptr,
+                    false, nullptr, threads < 1 ? 1 : threads};
+  py::gil_scoped_release no_gil;
+  return isa().norm_powered_sum(DType(dtype), table, kind, p);
 }
 
 void tensor_scalars(int optimizer, int dtype, int64_t n_tensors, uintptr_t steps,
@@ -101,8 +117,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("optimizer_step", &pyfused::optimizer_step, py::arg("optimizer"), py::arg("dtype"),
         py::arg("n_tensors"), py::arg("numels"), py::arg("addresses"), py::arg("steps"),
         py::arg("steps_are_double"), py::arg("flags"), py::arg("hyper"), py::arg("threads"),
+        py::arg("grad_divisor") = 1.0, py::arg("grad_multiplier") = 1.0,
+        py::arg("store_grads") = false,
         "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
-        "flags are addresses of int64 arrays (0 for an absent row).");
+        "flags are addresses of int64 arrays (0 for an absent row). Grads are divided by\n"
+        "grad_divisor and multiplied by grad_multiplier first, and stored back if store_grads.");
+  m.def("norm_powered_sum", &pyfused::norm_powered_sum, py::arg("dtype"), py::arg("n_tensors"),
+        py::arg("numels"), py::arg("addresses"), py::arg("kind"), py::arg("p"), py::arg("threads"),
+        "The p-th power of the global norm of n_tensors tensors (max |x| for kind 0, min |x| for\n"
+        "kind 1), summed in a fixed order.");
   m.def("tensor_scalars", &pyfused::tensor_scalars, py::arg("optimizer"), py::arg("dtype"),
         py::arg("n_tensors"), py::arg("steps"), py::arg("steps_are_double"), py::arg("flags"),
         py::arg("hyper"), py::arg("out"),

@@ -7,7 +7,9 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
   tables   numels[n] | param addresses[n] | state addresses[STATES][n] | chunks[C][2] (tensor, start)
            built once per plan and kept on the device;
   uploads  grad addresses[n] | hyper[N_HYPER] (float64 bits) | scalars[n][K] (float64 bits)
-           rebuilt every step (grads are new tensors, steps advance).
+           rebuilt every step (grads are new tensors, steps advance);
+  factors  float64 [divisor, multiplier] applied to each grad when FACTORED (GradScaler's scale,
+           a deferred clip coefficient), read on the device; see GradFactor in pyfused/optim.
 """
 
 import triton
@@ -56,14 +58,19 @@ def _address(table, index, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _update_block(
-    param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars,
+    param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
     AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    CENTERED: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
     mask = index < end
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
     g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
+    if FACTORED:
+        g = optimizers._div(g, tl.load(factors).to(OP), OP) * tl.load(factors + 1).to(OP)
+        if STORE_GRAD:
+            _store(grad_ptr + index, g, mask, BF16, MASKED)
     s0 = tl.zeros([BLOCK], OP)
     s1 = tl.zeros([BLOCK], OP)
     s2 = tl.zeros([BLOCK], OP)
@@ -94,11 +101,12 @@ def _update_block(
 
 @triton.jit
 def optimizer_kernel(
-    tables, uploads, n_tensors, first_chunk,
+    tables, uploads, factors, n_tensors, first_chunk,
     OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
     AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    CENTERED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     chunk = tables + (2 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
     t = tl.load(chunk)
@@ -128,9 +136,9 @@ def optimizer_kernel(
         if ALIGNED:
             offset = tl.multiple_of(offset, BLOCK)
         _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK),
-                      end, hyper, scalars, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2, MOMENTUM,
-                      NESTEROV, CENTERED, BLOCK, MASKED=False)
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
+                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=False)
     if full_end < end:
         _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK),
-                      end, hyper, scalars, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2, MOMENTUM,
-                      NESTEROV, CENTERED, BLOCK, MASKED=True)
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
+                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=True)

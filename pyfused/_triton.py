@@ -31,23 +31,49 @@ def _kernels():
     return multi_tensor, types
 
 
-def _device_tables(bucket):
-    """numels, param and state addresses and the chunk table, on the device; built once per plan."""
-    n = bucket.n
-    rows = torch.frombuffer(bucket.addresses, dtype=torch.int64).view(-1, n)
-    kept = torch.cat([rows[:1], rows[2:]])  # grads come with each step's upload
-    numels = torch.frombuffer(bucket.numels, dtype=torch.int64)
+def _chunk_tables(numels, rows, device):
+    """numels | address rows | chunk table (tensor, start) pairs, as one int64 device tensor."""
     counts = (numels + _CHUNK - 1) // _CHUNK
-    tensor_of_chunk = torch.repeat_interleave(torch.arange(n), counts)
+    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first_chunk = torch.cumsum(counts, 0) - counts
     starts = (torch.arange(len(tensor_of_chunk)) - first_chunk[tensor_of_chunk]) * _CHUNK
     chunks = torch.stack([tensor_of_chunk, starts], 1).flatten()
-    tables = torch.cat([numels, kept.flatten(), chunks]).to(bucket.device)
-    aligned = bool((kept % 16 == 0).all())
-    return tables, len(tensor_of_chunk), len(kept) - 1, aligned
+    tables = torch.cat([numels, rows.flatten(), chunks]).to(device)
+    return tables, len(tensor_of_chunk), bool((rows % 16 == 0).all())
 
 
-def optimizer_step(kernel: str, bucket, hyper: tuple) -> None:
+def _device_tables(bucket):
+    """A bucket's numels, param and state addresses and chunk table; built once per plan."""
+    rows = torch.frombuffer(bucket.addresses, dtype=torch.int64).view(-1, bucket.n)
+    kept = torch.cat([rows[:1], rows[2:]])  # grads come with each step's upload
+    numels = torch.frombuffer(bucket.numels, dtype=torch.int64)
+    tables, n_chunks, aligned = _chunk_tables(numels, kept, bucket.device)
+    return tables, n_chunks, len(kept) - 1, aligned
+
+
+def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Tensor:
+    """The p-th power of the tensors' global norm (csrc/norm.h's kinds), as a float64 0-d device
+    tensor: per-chunk partials from one launch, combined in chunk order without a host sync."""
+    from pyfused.kernels import norm
+
+    _, types = _kernels()
+    numels = torch.tensor(numels, dtype=torch.int64)
+    tables, n_chunks, aligned = _chunk_tables(numels, torch.tensor([addresses], dtype=torch.int64), device)
+    partials = torch.empty(n_chunks, dtype=torch.float64, device=device)
+    storage, op = types[dtype_code]
+    if n_chunks:
+        norm.norm_partials_kernel[(n_chunks,)](
+            tables, partials, len(numels), KIND=kind, P=float(p) if kind == 4 else 0.0, STORAGE=storage,
+            BF16=dtype_code == 3, OP=op, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+        )
+    if kind == 0:
+        return partials.max() if n_chunks else torch.zeros((), dtype=torch.float64, device=device)
+    if kind == 1:
+        return partials.min() if n_chunks else torch.full((), float("inf"), dtype=torch.float64, device=device)
+    return partials.sum()
+
+
+def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     multi_tensor, types = _kernels()
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
@@ -70,13 +96,15 @@ def optimizer_step(kernel: str, bucket, hyper: tuple) -> None:
     storage, op = types[bucket.dtype_code]
     from pyfused.kernels import optimizers
 
+    factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
     for first in range(0, n_chunks, _MAX_PROGRAMS):
         multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
-            tables, uploads, n, first,
+            tables, uploads, factors, n, first,
             OPTIMIZER=optimizer, STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
             STATES=n_states, N_HYPER=len(hyper), K=k,
             **{"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
                **optimizers.mode(kernel, hyper)},
+            FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads,
             CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
             enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
         )

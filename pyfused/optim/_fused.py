@@ -15,6 +15,7 @@ state tensor.
 """
 
 import array
+import functools
 import operator
 
 import torch
@@ -227,12 +228,50 @@ def _unhooked(step):
     return step
 
 
+class GradFactor:
+    """What the kernels apply to every grad before the update.
+
+    scale: torch.amp.GradScaler's scale (fused-optimizer protocol): grads are divided by it and
+        the unscaled grads are stored back, as torch's fused optimizers do;
+    multiplier: a clip coefficient deferred by pyfused.nn.utils.clip_grad_norm_(optimizer=...):
+        multiplied in, grads left as they are (that is the read and write it saves).
+    Both are 0-d tensors or None; on CUDA the Triton kernels read them on the device.
+    """
+
+    def __init__(self, scale=None, multiplier=None):
+        self.scale = scale
+        self.multiplier = multiplier
+        self.store_grads = scale is not None
+
+    @functools.cached_property
+    def divisor_value(self) -> float:
+        return float(self.scale) if self.scale is not None else 1.0
+
+    @functools.cached_property
+    def multiplier_value(self) -> float:
+        return float(self.multiplier) if self.multiplier is not None else 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.scale is not None or self.multiplier is not None
+
+    def on_device(self, device) -> torch.Tensor:
+        """[divisor, multiplier] as float64 on the device, without a host sync."""
+        one = torch.ones((), dtype=torch.float64, device=device)
+        parts = [t.to(device=device, dtype=torch.float64, non_blocking=True) if t is not None else one
+                 for t in (self.scale, self.multiplier)]
+        return torch.stack(parts)
+
+
 class FusedOptimizer:
     """Mixin in front of a torch.optim class; see the module docstring."""
 
     _kernel: str
     _torch_class: type
     _counts_steps = True
+    # torch.amp.GradScaler then hands its scale and found_inf to step() (as optimizer.grad_scale
+    # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
+    _step_supports_amp_scaling = True
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -257,20 +296,30 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        factor = GradFactor(getattr(self, "grad_scale", None), self.__dict__.pop("_pyfused_grad_multiplier", None))
+        found_inf = getattr(self, "found_inf", None)
         if _backend.forced_backend() == "torch":
-            self._torch_step()
+            self._torch_step(factor, found_inf)
             return loss
         # Every group is checked before any tensor changes.
         work = [self._prepare(group, index) for index, group in enumerate(self.param_groups)]
+        if found_inf is not None and float(found_inf) != 0:
+            return loss  # GradScaler saw inf or NaN: nothing moves, steps included
         for group, plan, _grad_copies in work:
             hyper = tuple(map(float, self._hyper(group)))
             for bucket in plan.buckets:
-                _run(self._kernel, bucket, hyper)
+                _run(self._kernel, bucket, hyper, factor)
             if plan.flags_pending:  # flags mark a tensor's first step only
                 for bucket in plan.buckets:
                     bucket.flags = None
                 plan.flags_pending = False
         return loss
+
+    def defer_grad_multiplier(self, multiplier: torch.Tensor) -> None:
+        """Multiplies every grad by `multiplier` (a 0-d tensor) inside the next step's kernels,
+        without changing the grads. pyfused.nn.utils.clip_grad_norm_(optimizer=...) uses this."""
+        previous = self.__dict__.get("_pyfused_grad_multiplier")
+        self._pyfused_grad_multiplier = multiplier if previous is None else previous * multiplier
 
     def _prepare(self, group, index):
         params = group["params"]
@@ -283,13 +332,23 @@ class FusedOptimizer:
         copies = [bucket.load_grads(grads) for bucket in plan.buckets]
         return group, plan, copies
 
-    def _torch_step(self):
+    def _torch_step(self, factor, found_inf):
         """torch's own for-loop implementation: the reference (PYFUSED_BACKEND=torch)."""
+        if found_inf is not None and float(found_inf) != 0:
+            return
+        if factor.active:  # the for-loop takes no grad factor: apply it to the grads first
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if factor.scale is not None:
+                torch._foreach_div_(grads, factor.divisor_value)
+            if factor.multiplier is not None:
+                torch._foreach_mul_(grads, factor.multiplier_value)
         saved = [(group.get("foreach"), group.get("fused")) for group in self.param_groups]
         for group in self.param_groups:
             group["foreach"] = False
             if "fused" in group:
                 group["fused"] = False
+        scale = self.__dict__.pop("grad_scale", None)
+        found = self.__dict__.pop("found_inf", None)
         try:
             _unhooked(self._torch_class.step)(self)
         finally:
@@ -297,6 +356,10 @@ class FusedOptimizer:
                 group["foreach"] = foreach
                 if "fused" in group:
                     group["fused"] = fused
+            if scale is not None:
+                self.grad_scale = scale
+            if found is not None:
+                self.found_inf = found
 
     # Filled in by each optimizer.
     def _state_keys(self, group):
@@ -309,12 +372,12 @@ class FusedOptimizer:
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hyper):
+def _run(kernel, bucket, hyper, factor):
     if bucket.n == 0:
         return
     if _backend.backend_for(bucket.device) == "cpp":
-        _cpp.optimizer_step(kernel, bucket, hyper)
+        _cpp.optimizer_step(kernel, bucket, hyper, factor)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
-        _triton.optimizer_step(kernel, bucket, hyper)
+        _triton.optimizer_step(kernel, bucket, hyper, factor)

@@ -45,15 +45,16 @@ def variants():
                 yield kernel, hyper, mode
 
 
-def compile_variant(kernel, hyper, mode, dtype, aligned):
+def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False):
     storage, op = STORAGE[dtype]
     optimizer = _triton._OPTIMIZERS[kernel]
     constants = dict(
         OPTIMIZER=optimizer, STORAGE=storage, BF16=dtype == "bf16", OP=op,
         STATES=STATES[kernel](mode), N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(optimizer),
-        **mode, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
+        **mode, FACTORED=factored, STORE_GRAD=factored, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
     )
-    signature = {"tables": "*i64", "uploads": "*i64", "n_tensors": "i32", "first_chunk": "i32"}
+    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "n_tensors": "i32",
+                 "first_chunk": "i32"}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": 4})
@@ -64,8 +65,9 @@ VARIANTS = list(variants())
 
 @pytest.mark.parametrize("dtype", list(STORAGE))
 @pytest.mark.parametrize("kernel,hyper,mode", VARIANTS, ids=[f"{k}-{'-'.join(n for n, v in sorted(m.items()) if v) or 'plain'}" for k, _, m in VARIANTS])
-def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype):
-    compiled = compile_variant(kernel, hyper, mode, dtype, aligned=True)
+@pytest.mark.parametrize("factored", [False, True], ids=["plain", "grad-factor"])
+def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
+    compiled = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=factored)
     ptx = compiled.asm["ptx"]
     assert ".entry optimizer_kernel" in ptx
     # IEEE division and square root, never the approximate ones, and no fused multiply-add.
