@@ -213,7 +213,8 @@ def _normalize_step(state):
 
 
 def _uniform_step_dtype(bucket):
-    """One call counts all steps in one float type; a mix (from a changed default dtype) is unified."""
+    """One call counts all steps in one float type; a mix (the default dtype changed between two
+    params' first steps) is refused rather than silently converted."""
     if bucket.step_tensors is None:
         return
     want = torch.float64 if bucket.steps_are_double else torch.float32
