@@ -11,6 +11,8 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         "(needs a C++17 compiler and the Python headers)."
     ) from error
 
+_C.isa()  # a bad PYFUSED_CPU_ISA is refused at import, not at the first step
+
 # Must match csrc/kernels.h.
 OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
 

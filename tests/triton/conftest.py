@@ -1,21 +1,11 @@
-"""The Triton suite: compiled on a CUDA device when there is one, else under the interpreter.
-
-Run it in its own pytest process (./dev test does): TRITON_INTERPRET must be set before triton
-is imported, and the C++ suite must not run under it.
-"""
-
-import os
+"""The Triton suite. Run it in its own pytest process (./dev test does): TRITON_INTERPRET must be
+set before triton is imported, and the C++ suite must not run under it."""
 
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_suite import DEVICE, INTERPRETED  # noqa: F401  (sets TRITON_INTERPRET first)
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-
-DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyfused
-from conftest import DEVICE
+from triton_suite import DEVICE
 
 CONFIGS = {
     "SGD": [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
