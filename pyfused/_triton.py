@@ -23,12 +23,12 @@ _MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x; a larger bucket takes sever
 def _kernels():
     import triton.language as tl
 
-    from pyfused.kernels import multi_tensor
+    from pyfused.kernels import multi_tensor, norm, optimizers
 
     # dtype code (csrc/kernels.h) -> (storage type, opmath type); bfloat16 travels as raw bits.
     types = {0: (tl.float32, tl.float32), 1: (tl.float64, tl.float64), 2: (tl.float16, tl.float32),
              3: (tl.uint16, tl.float32)}
-    return multi_tensor, types
+    return types, multi_tensor, optimizers, norm
 
 
 def _chunk_tables(numels, rows, device):
@@ -54,9 +54,7 @@ def _device_tables(bucket):
 def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Tensor:
     """The p-th power of the tensors' global norm (csrc/norm.h's kinds), as a float64 0-d device
     tensor: per-chunk partials from one launch, combined in chunk order without a host sync."""
-    from pyfused.kernels import norm
-
-    _, types = _kernels()
+    types, _, _, norm = _kernels()
     numels = torch.tensor(numels, dtype=torch.int64)
     tables, n_chunks, aligned = _chunk_tables(numels, torch.tensor([addresses], dtype=torch.int64), device)
     partials = torch.empty(n_chunks, dtype=torch.float64, device=device)
@@ -74,7 +72,7 @@ def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Te
 
 
 def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
-    multi_tensor, types = _kernels()
+    types, multi_tensor, optimizers, _ = _kernels()
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
         cached = bucket.triton_tables = _device_tables(bucket)
@@ -94,8 +92,6 @@ def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
     storage, op = types[bucket.dtype_code]
-    from pyfused.kernels import optimizers
-
     factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
     for first in range(0, n_chunks, _MAX_PROGRAMS):
         multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
