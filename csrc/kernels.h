@@ -20,7 +20,7 @@ struct TensorTable {
   const int64_t* flags;
   int threads;
   // Each grad is divided by grad_divisor (GradScaler's scale) and multiplied by grad_multiplier
-  // (a clip coefficient) before the update; store_grads writes the result back to the grad.
+  // (a clip coefficient) before the update; store_grads writes the unscaled grad back.
   double grad_divisor = 1;
   double grad_multiplier = 1;
   bool store_grads = false;

@@ -67,8 +67,9 @@ inline void update_span(const Update& update, T* const* base, int64_t offset, in
     Op v[R];
     for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
     if constexpr (kFactored) {
-      v[kGrad] = v[kGrad] / factor.divisor * factor.multiplier;
-      if (factor.store_grad) store(ptr[kGrad] + j, v[kGrad]);
+      v[kGrad] = v[kGrad] / factor.divisor;
+      if (factor.store_grad) store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
+      v[kGrad] = v[kGrad] * factor.multiplier;
     }
     update(v, scalars);
     for (int r = 0; r < R; ++r) {

@@ -68,9 +68,10 @@ def _update_block(
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
     g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
     if FACTORED:
-        g = optimizers._div(g, tl.load(factors).to(OP), OP) * tl.load(factors + 1).to(OP)
-        if STORE_GRAD:
+        g = optimizers._div(g, tl.load(factors).to(OP), OP)
+        if STORE_GRAD:  # unscaled, never clipped
             _store(grad_ptr + index, g, mask, BF16, MASKED)
+        g = g * tl.load(factors + 1).to(OP)
     s0 = tl.zeros([BLOCK], OP)
     s1 = tl.zeros([BLOCK], OP)
     s2 = tl.zeros([BLOCK], OP)

@@ -25,11 +25,6 @@ def _min_nan(a, b):
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def norm_partials_kernel(
     tables, partials, n_tensors,
     KIND: tl.constexpr, P: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
@@ -57,10 +52,10 @@ def norm_partials_kernel(
             acc += tl.where(mask, x * x, 0.0)
         else:
             acc += tl.where(mask, tl.exp2(P * tl.log2(x)), 0.0)
-    if KIND == 0:
-        partial = tl.reduce(acc, 0, _max_nan)
-    elif KIND == 1:
-        partial = tl.reduce(acc, 0, _min_nan)
+    if KIND == 0 or KIND == 1:
+        # tl.max and tl.min drop NaN; torch's norm keeps it.
+        partial = tl.max(acc, 0) if KIND == 0 else tl.min(acc, 0)
+        partial = tl.where(tl.sum((acc != acc).to(tl.int32), 0) > 0, float("nan"), partial)
     else:
-        partial = tl.reduce(acc, 0, _add)
+        partial = tl.sum(acc, 0)
     tl.store(partials + chunk, partial.to(tl.float64))

@@ -487,8 +487,6 @@ def test_fused_clip_rejects_a_torch_optimizer():
     assert torch.equal(p.grad, torch.ones(3))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="get_total_norm sends CPU tensors to the Triton kernel when the "
-                   "backend is forced to 'torch' (_group_powered_sum only takes C++ for backend 'cpp')")
 def test_norm_under_the_torch_backend():
     grads = make([(7,), (4097,)], torch.float32)
     with pyfused.use_backend("torch"):
@@ -496,8 +494,6 @@ def test_norm_under_the_torch_backend():
     assert_close_rel(ours, reference(grads, 2.0), TOLERANCES[torch.float32][1], "torch backend")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the torch backend applies the deferred clip coefficient to p.grad "
-                   "in place (_torch_step's _foreach_mul_), so p.grad ends up clipped, unlike on the cpp backend")
 def test_fused_clip_leaves_grads_unclipped_under_the_torch_backend():
     p = torch.ones(4, requires_grad=True)
     p.grad = torch.full((4,), 2.0)

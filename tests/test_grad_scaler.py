@@ -302,9 +302,6 @@ def test_amp_recipe_with_fused_clipping():
             assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(grads[step], expected))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="with both a grad scale and a deferred clip coefficient, the kernel "
-                   "stores grad / scale * coefficient into p.grad (multi_tensor.h update_span), so p.grad is "
-                   "clipped although fused clipping promises to leave it unclipped")
 def test_scaled_and_clipped_step_stores_only_the_unscaled_grads():
     p = torch.ones(4, requires_grad=True)
     opt = pyfused.optim.SGD([p], lr=0.1)

@@ -59,7 +59,8 @@ def _root(kind, powered, p):
 
 def _group_powered_sum(tensors, kind, p, device, dtype):
     """The powered sum of one (device, dtype) group, as a float64 0-d tensor on its device."""
-    if kind == _COUNT or dtype not in _DTYPE_CODES or device.type not in ("cpu", "cuda"):
+    backend = _backend.backend_for(device)
+    if kind == _COUNT or dtype not in _DTYPE_CODES or backend == "torch":
         # What has no kernel keeps torch's own per-tensor norms (p = 0, complex, other devices).
         norms = torch._foreach_norm(tensors, p) if device.type in ("cpu", "cuda") else [
             torch.linalg.vector_norm(t, p) for t in tensors]
@@ -70,7 +71,7 @@ def _group_powered_sum(tensors, kind, p, device, dtype):
     dense = [t if _is_dense(t) else t.contiguous() for t in tensors]
     numels = array.array("q", [t.numel() for t in dense])
     addresses = array.array("q", [t.data_ptr() for t in dense])
-    if device.type == "cpu" and _backend.backend_for(device) == "cpp":
+    if backend == "cpp":
         value = _cpp.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p)
         return torch.tensor(value, dtype=torch.float64)
     from pyfused import _triton
@@ -88,21 +89,27 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """torch.nn.utils.get_total_norm, in one pass per (device, dtype) group.
 
     ``foreach`` is accepted for compatibility and has no effect. ``group``: a process group whose
-    ranks each hold a shard; the result is the norm over all shards.
+    ranks each hold a shard; the result is the norm over all shards. (For norm_type 0, torch's
+    count of nonzero tensors, a tensor split across ranks counts once per rank holding a nonzero
+    piece of it.)
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     norm_type = float(norm_type)
     if len(tensors) == 0 and group is None:
         return torch.tensor(0.0)
     kind = _kind(norm_type)
-    if kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and any(t.numel() == 0 for t in tensors):
+    first_device = tensors[0].device if tensors else torch.device("cpu")
+    result_dtype = functools.reduce(torch.promote_types, (_real(t.dtype) for t in tensors)) if tensors else torch.float32
+    nonempty = [t for t in tensors if t.numel()]
+    if group is not None:
+        tensors = nonempty  # an empty shard is normal under ZeRO/FSDP: it adds nothing
+    elif kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and len(nonempty) < len(tensors):
         # torch's messages: max and min have no identity to give an empty tensor
         which = "_foreach_norm cannot compute the infinity" if kind == _cpp.NORM_MAX_ABS else "linalg.vector_norm cannot compute the -inf"
         raise RuntimeError(f"{which} norm on an empty tensor because the operation does not have an identity")
     by_kind = {}
     for t in tensors:
         by_kind.setdefault((t.device, t.dtype), []).append(t)
-    first_device = tensors[0].device if tensors else torch.device("cpu")
     with torch.no_grad():
         parts = [
             _group_powered_sum(ts, kind, norm_type, device, dtype).to(first_device)
@@ -114,9 +121,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
             _all_reduce(powered, kind, group)
         else:
             powered = _merge(kind, parts)
-        total = _root(kind, powered, norm_type)
-    result_dtype = functools.reduce(torch.promote_types, (_real(t.dtype) for t in tensors)) if tensors else torch.float32
-    total = total.to(result_dtype)
+        total = _root(kind, powered, norm_type).to(result_dtype)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from "

@@ -394,12 +394,15 @@ class FusedOptimizer:
         """torch's own for-loop implementation: the reference (PYFUSED_BACKEND=torch)."""
         if found_inf is not None and float(found_inf) != 0:
             return
-        if factor.active:  # the for-loop takes no grad factor: apply it to the grads first
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if factor.scale is not None:
-                torch._foreach_div_(grads, factor.divisor_value)
-            if factor.multiplier is not None:
-                torch._foreach_mul_(grads, factor.multiplier_value)
+        # The for-loop takes no grad factor. As in the kernels, grads are unscaled in place and
+        # the clip coefficient reaches the update only, through temporary grads.
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if factor.scale is not None:
+            torch._foreach_div_(grads, factor.divisor_value)
+        if factor.multiplier is not None:
+            for p, g in zip(params, torch._foreach_mul(grads, factor.multiplier_value)):
+                p.grad = g
         saved = [(group.get("foreach"), group.get("fused")) for group in self.param_groups]
         for group in self.param_groups:
             group["foreach"] = False
@@ -410,6 +413,8 @@ class FusedOptimizer:
         try:
             _unhooked(self._torch_class.step)(self)
         finally:
+            for p, g in zip(params, grads):
+                p.grad = g
             for group, (foreach, fused) in zip(self.param_groups, saved):
                 group["foreach"] = foreach
                 if "fused" in group:

@@ -217,9 +217,6 @@ def test_amp_recipe_with_fused_clipping_bit_for_bit_with_cpp():
     assert all(torch.equal(a, b) for a, b in zip(cpp[0] + cpp[1], tri[0] + tri[1]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the Triton kernel, like the C++ one, stores grad / scale * coefficient "
-                   "into p.grad when a grad scale and a deferred clip coefficient meet (STORE_GRAD after the "
-                   "multiply in kernels/multi_tensor.py), so p.grad ends up clipped")
 def test_scaled_and_clipped_step_stores_only_the_unscaled_grads():
     p = torch.ones(4, device=DEVICE, requires_grad=True)
     opt = pyfused.optim.SGD([p], lr=0.1)
