@@ -19,13 +19,23 @@ struct TensorTable {
   bool steps_are_double;
   const int64_t* flags;
   int threads;
+  // Each grad is divided by grad_divisor (GradScaler's scale) and multiplied by grad_multiplier
+  // (a clip coefficient) before the update; store_grads writes the unscaled grad back.
+  double grad_divisor = 1;
+  double grad_multiplier = 1;
+  bool store_grads = false;
 };
 
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
   int hyper_size(Optimizer);                                                           \
+  int scalars_per_tensor(Optimizer);                                                   \
   void optimizer_step(Optimizer, DType, const TensorTable&, const double* hyper);      \
+  /* advances the steps and writes the per-tensor scalars, for the Triton backend */  \
+  void tensor_scalars(Optimizer, DType, const TensorTable&, const double* hyper, double* out); \
+  /* the p-th power of the tensors' global norm (row 0 of the table); kind: csrc/norm.h */  \
+  double norm_powered_sum(DType, const TensorTable&, int kind, double p);             \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

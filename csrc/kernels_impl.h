@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "norm.h"
 #include "optimizers.h"
 
 namespace pyfused {
@@ -15,6 +16,13 @@ void run(const TensorTable& table, const double* hyper) {
   Family::template with_update<T>(h, [&](const auto& update) { multi_tensor_apply<T>(update, table); });
 }
 
+template <class Family, class T>
+void export_scalars(const TensorTable& table, const double* hyper, double* out) {
+  typename Family::Hyper h;
+  std::memcpy(&h, hyper, sizeof h);
+  Family::template with_update<T>(h, [&](const auto& update) { export_tensor_scalars<T>(update, table, out); });
+}
+
 template <class T>
 void step_for_type(Optimizer optimizer, const TensorTable& table, const double* hyper) {
   switch (optimizer) {
@@ -23,6 +31,16 @@ void step_for_type(Optimizer optimizer, const TensorTable& table, const double* 
     case Optimizer::kRmsprop: return run<Rmsprop, T>(table, hyper);
     case Optimizer::kAdam: return run<Adam, T>(table, hyper);
   }
+}
+
+int scalars_per_tensor(Optimizer optimizer) {
+  switch (optimizer) {
+    case Optimizer::kSgd: return Sgd::Update<float, false, false, false>::kScalars;
+    case Optimizer::kAdagrad: return Adagrad::Update<float, false>::kScalars;
+    case Optimizer::kRmsprop: return Rmsprop::Update<float, false, false, false>::kScalars;
+    case Optimizer::kAdam: return Adam::Update<float, false, false>::kScalars;
+  }
+  return -1;
 }
 
 int hyper_size(Optimizer optimizer) {
@@ -35,6 +53,16 @@ int hyper_size(Optimizer optimizer) {
   return -1;
 }
 
+template <class T>
+void scalars_for_type(Optimizer optimizer, const TensorTable& table, const double* hyper, double* out) {
+  switch (optimizer) {
+    case Optimizer::kSgd: return export_scalars<Sgd, T>(table, hyper, out);
+    case Optimizer::kAdagrad: return export_scalars<Adagrad, T>(table, hyper, out);
+    case Optimizer::kRmsprop: return export_scalars<Rmsprop, T>(table, hyper, out);
+    case Optimizer::kAdam: return export_scalars<Adam, T>(table, hyper, out);
+  }
+}
+
 void optimizer_step(Optimizer optimizer, DType dtype, const TensorTable& table, const double* hyper) {
   switch (dtype) {
     case DType::kFloat32: return step_for_type<float>(optimizer, table, hyper);
@@ -42,6 +70,23 @@ void optimizer_step(Optimizer optimizer, DType dtype, const TensorTable& table, 
     case DType::kFloat16: return step_for_type<Half>(optimizer, table, hyper);
     case DType::kBFloat16: return step_for_type<BFloat16>(optimizer, table, hyper);
   }
+}
+
+double norm_powered_sum(DType dtype, const TensorTable& table, int kind, double p) {
+  switch (dtype) {
+    case DType::kFloat32: return powered_sum_of_kind<float>(table, NormKind(kind), p);
+    case DType::kFloat64: return powered_sum_of_kind<double>(table, NormKind(kind), p);
+    case DType::kFloat16: return powered_sum_of_kind<Half>(table, NormKind(kind), p);
+    case DType::kBFloat16: return powered_sum_of_kind<BFloat16>(table, NormKind(kind), p);
+  }
+  return 0;
+}
+
+void tensor_scalars(Optimizer optimizer, DType dtype, const TensorTable& table, const double* hyper,
+                    double* out) {
+  // Only the opmath type matters here: float for every type but double.
+  if (dtype == DType::kFloat64) return scalars_for_type<double>(optimizer, table, hyper, out);
+  return scalars_for_type<float>(optimizer, table, hyper, out);
 }
 
 }  // namespace PYFUSED_ISA

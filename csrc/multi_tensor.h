@@ -9,13 +9,15 @@
 //   kRoles          tensors per column of the address table: param, grad, then state;
 //   kWrites         bit mask of the roles it writes back;
 //   kCountsSteps    whether each tensor's step counter advances by one per call;
-//   Scalars         per-tensor values derived from the step count and the tensor's flags;
+//   Scalars         per-tensor values derived from the step count and the tensor's flags,
+//                   kScalars fields of type Op (so another backend can be handed them);
 //   scalars(step, flags) and operator()(Op* values, const Scalars&).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -42,11 +44,20 @@ void with_flags(F&& f, bool first, Rest... rest) {
   }
 }
 
-template <class T, class Update>
+// What multiplies the grads before the update: GradScaler's scale (divided out, and the unscaled
+// grads stored, as torch's fused optimizers do) and a clip coefficient (multiplied in).
+template <class Op>
+struct GradFactor {
+  Op divisor = 1, multiplier = 1;
+  bool store_grad = false;
+};
+
+template <class T, bool kFactored, class Update>
 inline void update_span(const Update& update, T* const* base, int64_t offset, int64_t length,
-                        const typename Update::Scalars& scalars) {
+                        const typename Update::Scalars& scalars, const GradFactor<OpMath<T>>& factor) {
   using Op = OpMath<T>;
   constexpr int R = Update::kRoles;
+  constexpr int kGrad = 1;
   T* ptr[R];
   for (int r = 0; r < R; ++r) ptr[r] = base[r] + offset;
   // One expression per element; the compiler emits the vector body and the scalar tail from it,
@@ -55,6 +66,11 @@ inline void update_span(const Update& update, T* const* base, int64_t offset, in
   for (int64_t j = 0; j < length; ++j) {
     Op v[R];
     for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
+    if constexpr (kFactored) {
+      v[kGrad] = v[kGrad] / factor.divisor;
+      if (factor.store_grad) store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
+      v[kGrad] = v[kGrad] * factor.multiplier;
+    }
     update(v, scalars);
     for (int r = 0; r < R; ++r) {
       if (Update::kWrites & (1u << r)) store(ptr[r] + j, v[r]);
@@ -62,27 +78,59 @@ inline void update_span(const Update& update, T* const* base, int64_t offset, in
   }
 }
 
-template <class T, class Update>
-void multi_tensor_apply(const Update& update, const TensorTable& table) {
-  using Scalars = typename Update::Scalars;
-  constexpr int R = Update::kRoles;
-  const int64_t n = table.n_tensors;
-  if (n == 0) return;
+// The flat index space: tensor i starts at start[i] (each start rounded up to kAlign elements),
+// cut into n_chunks chunks of kChunk elements.
+struct Layout {
+  std::vector<int64_t> start;
+  int64_t n_chunks;
+};
 
-  // Serial prologue: each step counter advances exactly once, and equal steps share one pow().
-  std::vector<Scalars> scalars(n);
-  std::vector<int64_t> start(n + 1);
+inline Layout lay_out(const TensorTable& table) {
+  const int64_t n = table.n_tensors;
+  Layout layout{std::vector<int64_t>(n + 1, 0), 0};
+  for (int64_t i = 0; i < n; ++i) {
+    layout.start[i + 1] = (layout.start[i] + table.numels[i] + kAlign - 1) / kAlign * kAlign;
+  }
+  layout.n_chunks = (layout.start[n] + kChunk - 1) / kChunk;
+  return layout;
+}
+
+// Calls body(chunk, tensor, begin, end) for every piece of a tensor inside a chunk, the chunks
+// handed out to table.threads threads. One thread runs all pieces of a chunk, in tensor order.
+template <class Body>
+void for_each_chunk(const TensorTable& table, const Layout& layout, Body&& body) {
+  const auto& start = layout.start;
+  const int64_t n = table.n_tensors;
+  const int threads = int(std::min<int64_t>(table.threads, layout.n_chunks));
+  std::atomic<int64_t> next_chunk{0};
+  parallel_run(threads, [&](int) {
+    for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < layout.n_chunks;) {
+      const int64_t lo = c * kChunk, hi = lo + kChunk;
+      // The first tensor that ends past lo; tensors are visited in order until one starts at hi.
+      int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+      for (; i < n && start[i] < hi; ++i) {
+        const int64_t begin = std::max(lo, start[i]) - start[i];
+        const int64_t end = std::min(hi - start[i], table.numels[i]);
+        if (end > begin) body(c, i, begin, end);
+      }
+    }
+  });
+}
+
+// Advances each tensor's step counter exactly once and derives its scalars (equal steps share one
+// pow()). Serial: it is O(tensors), and every chunk of a tensor must see the same step.
+template <class Update>
+void prepare_tensors(const Update& update, const TensorTable& table,
+                     typename Update::Scalars* scalars) {
   double last_step = -1;
   int64_t last_flags = -1;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < table.n_tensors; ++i) {
     double step = 0;
     if constexpr (Update::kCountsSteps) {
       if (table.steps_are_double) {
-        auto* s = reinterpret_cast<double*>(table.steps[i]);
-        step = *s += 1.0;
+        step = *reinterpret_cast<double*>(table.steps[i]) += 1.0;
       } else {
-        auto* s = reinterpret_cast<float*>(table.steps[i]);
-        step = *s += 1.0f;
+        step = *reinterpret_cast<float*>(table.steps[i]) += 1.0f;
       }
     }
     int64_t flags = table.flags ? table.flags[i] : 0;
@@ -93,25 +141,43 @@ void multi_tensor_apply(const Update& update, const TensorTable& table) {
     } else {
       scalars[i] = scalars[i - 1];
     }
-    start[i + 1] = (start[i] + table.numels[i] + kAlign - 1) / kAlign * kAlign;
   }
+}
 
-  const int64_t n_chunks = (start[n] + kChunk - 1) / kChunk;
-  const int threads = int(std::min<int64_t>(table.threads, n_chunks));
-  std::atomic<int64_t> next_chunk{0};
-  parallel_run(threads, [&](int) {
-    for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
-      const int64_t lo = c * kChunk, hi = lo + kChunk;
-      // The first tensor that ends past lo; tensors are visited in order until one starts at hi.
-      int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
-      for (; i < n && start[i] < hi; ++i) {
-        const int64_t begin = std::max(lo, start[i]) - start[i];
-        const int64_t end = std::min(hi - start[i], table.numels[i]);
-        if (end <= begin) continue;
-        T* base[R];
-        for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
-        update_span<T>(update, base, begin, end - begin, scalars[i]);
-      }
+// For a backend that runs the elements elsewhere (Triton): the per-tensor scalars, widened to
+// double (exactly), Update::kScalars of them per tensor.
+template <class T, class Update>
+void export_tensor_scalars(const Update& update, const TensorTable& table, double* out) {
+  using Op = OpMath<T>;
+  using Scalars = typename Update::Scalars;
+  std::vector<Scalars> scalars(table.n_tensors);
+  prepare_tensors(update, table, scalars.data());
+  for (int64_t i = 0; i < table.n_tensors; ++i) {
+    Op fields[Update::kScalars + 1];
+    std::memcpy(fields, &scalars[i], Update::kScalars * sizeof(Op));
+    for (int k = 0; k < Update::kScalars; ++k) out[i * Update::kScalars + k] = double(fields[k]);
+  }
+}
+
+template <class T, class Update>
+void multi_tensor_apply(const Update& update, const TensorTable& table) {
+  using Op = OpMath<T>;
+  using Scalars = typename Update::Scalars;
+  constexpr int R = Update::kRoles;
+  const int64_t n = table.n_tensors;
+  if (n == 0) return;
+
+  std::vector<Scalars> scalars(n);
+  prepare_tensors(update, table, scalars.data());
+  GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier), table.store_grads};
+  const bool factored = table.grad_divisor != 1 || table.grad_multiplier != 1 || table.store_grads;
+  for_each_chunk(table, lay_out(table), [&](int64_t, int64_t i, int64_t begin, int64_t end) {
+    T* base[R];
+    for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
+    if (factored) {
+      update_span<T, true>(update, base, begin, end - begin, scalars[i], factor);
+    } else {
+      update_span<T, false>(update, base, begin, end - begin, scalars[i], factor);
     }
   });
 }

@@ -34,13 +34,14 @@ struct Sgd {
     static constexpr int kRoles = kMomentum ? 3 : 2;
     static constexpr unsigned kWrites = kMomentum ? 0b101u : 0b01u;
     static constexpr bool kCountsSteps = false;
-    struct Scalars { bool fresh; };
+    struct Scalars { Op fresh; };  // 1 or 0
+    static constexpr int kScalars = 1;
 
     explicit Update(const Hyper& h)
         : neg_lr(Op(-h.lr)), momentum(Op(h.momentum)), grad_weight(Op(1 - h.dampening)),
           weight_decay(Op(h.weight_decay)), grad_sign(h.maximize != 0 ? Op(-1) : Op(1)) {}
 
-    Scalars scalars(double, int64_t flags) const { return {(flags & kFreshBuffer) != 0}; }
+    Scalars scalars(double, int64_t flags) const { return {Op((flags & kFreshBuffer) != 0)}; }
 
     void operator()(Op* v, const Scalars& s) const {
       Op& param = v[kParam];
@@ -49,7 +50,7 @@ struct Sgd {
       if constexpr (kMomentum) {
         Op& buf = v[kMomentumBuffer];
         // torch starts the buffer as a copy of the first gradient, without dampening.
-        buf = s.fresh ? grad : buf * momentum + grad_weight * grad;
+        buf = s.fresh != Op(0) ? grad : buf * momentum + grad_weight * grad;
         grad = kNesterov ? grad + momentum * buf : buf;
       }
       param = param + neg_lr * grad;
@@ -78,6 +79,7 @@ struct Adagrad {
     static constexpr unsigned kWrites = 0b101u;
     static constexpr bool kCountsSteps = true;
     struct Scalars { Op neg_clr; };
+    static constexpr int kScalars = 1;
 
     explicit Update(const Hyper& h)
         : h(h), weight_decay(Op(h.weight_decay)), eps(Op(h.eps)),
@@ -116,6 +118,7 @@ struct Rmsprop {
     static constexpr unsigned kWrites = ((1u << kRoles) - 1) & ~(1u << kGrad);
     static constexpr bool kCountsSteps = true;
     struct Scalars {};
+    static constexpr int kScalars = 0;
 
     explicit Update(const Hyper& h)
         : neg_lr(Op(-h.lr)), alpha(Op(h.alpha)), one_minus_alpha(Op(1 - h.alpha)),
@@ -173,6 +176,7 @@ struct Adam {
     static constexpr unsigned kWrites = ((1u << kRoles) - 1) & ~(1u << kGrad);
     static constexpr bool kCountsSteps = true;
     struct Scalars { Op neg_step_size, bias_correction2_sqrt; };
+    static constexpr int kScalars = 2;
 
     explicit Update(const Hyper& h)
         : h(h), one_minus_beta1(Op(1 - h.beta1)), small_weight(std::abs(1 - h.beta1) < 0.5),

@@ -6,7 +6,7 @@ kernels on CUDA tensors. ``use_backend`` (or ``PYFUSED_BACKEND``) forces one bac
 """
 
 from pyfused._backend import BACKENDS, use_backend
-from pyfused import optim
+from pyfused import nn, optim
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "optim", "use_backend"]
+__all__ = ["BACKENDS", "nn", "optim", "use_backend"]

@@ -48,6 +48,11 @@ def backend_for(device: torch.device) -> str:
     if forced is not None:
         if forced == "cpp" and device.type != "cpu":
             raise RuntimeError(f"pyfused's cpp backend runs on CPU tensors; these are on {device}")
+        if forced == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"pyfused's triton backend runs on CUDA tensors; these are on {device} "
+                "(CPU tensors run under the Triton interpreter: set TRITON_INTERPRET=1 before start)"
+            )
         return forced
     if device.type == "cpu":
         return "cpp"

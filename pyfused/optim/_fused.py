@@ -4,21 +4,23 @@ A pyfused optimizer is a subclass of torch's optimizer of the same name with thi
 Construction, argument checks, param groups, state_dict and schedulers are therefore torch's own;
 only step() differs. A subclass says three things (see adam.py):
   _state_keys(group)           the state tensors the kernel reads and writes, in its role order;
-  _init_state(p, group, state) creates missing state the way torch does, returns per-tensor flags;
+  _new_state(p, group, state)  the state torch would create for p that `state` lacks, and p's
+                               per-tensor flags for the kernel;
   _hyper(group)                the kernel's scalars, in the order of its Hyper in csrc/optimizers.h.
 
 step() caches, per param group, a plan: the tensors grouped by (device, dtype) into buckets with
 their address tables. Each step then only reads the grads, checks them, and writes their
 addresses into the table. The plan is rebuilt when a param gains or loses its grad, a param's
-storage moves, the state is replaced (load_state_dict) or a group option adds or removes a
-state tensor.
+storage moves, or a state tensor is replaced (load_state_dict, a state reset, a group option
+that adds or removes one). New state enters optimizer.state only once a step has run, so a step
+refused for bad input, or skipped by GradScaler, changes nothing.
 """
 
 import array
+import functools
 import operator
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused import _backend, _cpp
 
@@ -54,6 +56,7 @@ class _Bucket:
     """The tensors of one param group that share a device and dtype: one kernel call per step."""
 
     def __init__(self, optimizer, where, device, dtype, positions, params, states, keys):
+        # states: each param's state as the step will leave it (existing and new tensors)
         self.device = device
         self.dtype = dtype
         self.dtype_code = _DTYPE_CODES[_REAL_DTYPES.get(dtype, dtype)]
@@ -74,15 +77,7 @@ class _Bucket:
         self.numels = array.array("q", [p.numel() * scale for p in params])
         rows = [list(map(_data_ptr, params)), [0] * self.n]
         for key in keys:
-            tensors = [s[key] for s in states]
-            for p, t, position in zip(params, tensors, positions):
-                if t.dtype != dtype or t.shape != p.shape or t.stride() != p.stride() or t.device != p.device:
-                    raise RuntimeError(
-                        f"{where(position)}: its state {key!r} ({tuple(t.shape)}, {t.dtype}, "
-                        f"strides {t.stride()}, {t.device}) does not match the param "
-                        f"({tuple(p.shape)}, {p.dtype}, strides {p.stride()}, {p.device})"
-                    )
-            rows.append(list(map(_data_ptr, tensors)))
+            rows.append([s[key].data_ptr() for s in states])
         self.addresses = array.array("q", [a for row in rows for a in row])
         element = params[0].element_size() if params else 0
         written = [row for i, row in enumerate(rows) if i != 1]
@@ -97,7 +92,7 @@ class _Bucket:
         self.step_tensors = None
         if optimizer._counts_steps:
             self.step_tensors = [s["step"] for s in states]
-            self.steps_are_double = bool(self.step_tensors) and self.step_tensors[0].dtype == torch.float64
+            self.steps_are_double = self.step_tensors[0].dtype == torch.float64
             self.steps = array.array("q", map(_data_ptr, self.step_tensors))
         self.flags = None
 
@@ -150,74 +145,135 @@ class _GroupPlan:
 
         self.group = group
         self.state_container = optimizer.state
-        self.keys = optimizer._state_keys(group)
         self.has_grad = [g is not None for g in grads]
         self.param_addresses = list(map(_data_ptr, params))
         positions = [i for i, g in enumerate(grads) if g is not None]
-
-        # Check everything before creating any state.
-        for i in positions:
-            p = params[i]
-            real = _REAL_DTYPES.get(p.dtype, p.dtype)
-            if real not in _DTYPE_CODES:
-                raise TypeError(
-                    f"{where(i)} is {p.dtype}; pyfused supports float32, float64, float16 and "
-                    "bfloat16 params (and complex64, complex128 as their real view)"
-                )
-            if not _is_dense(p):
-                raise RuntimeError(
-                    f"{where(i)} is not contiguous (shape {tuple(p.shape)}, strides {p.stride()}); "
-                    "pyfused updates params in place and needs them dense"
-                )
-            _backend.backend_for(p.device)  # rejects a device no backend runs on
         self.active = [params[i] for i in positions]
-        self.flags_pending = False
-        state = optimizer.state
-        flags = {}
-        for i, p in zip(positions, self.active):
-            flags[i] = optimizer._init_state(p, group, state[p])
-            if optimizer._counts_steps:
-                _normalize_step(state[p])
-        self.state_dicts = [state[p] for p in self.active]
-        self.state_ids = list(map(id, self.state_dicts))
-
-        by_kind = {}
-        for i, p, s in zip(positions, self.active, self.state_dicts):
-            by_kind.setdefault((p.device, p.dtype), []).append((i, p, s))
+        self.uses_torch = any(_backend.backend_for(p.device) == "torch" for p in self.active)
         self.buckets = []
-        for (device, dtype), members in by_kind.items():
-            positions_, params_, states_ = map(list, zip(*members))
-            bucket = _Bucket(optimizer, where, device, dtype, positions_, params_, states_, self.keys)
-            _uniform_step_dtype(bucket)
-            if any(flags[i] for i in positions_):
-                bucket.flags = array.array("q", [flags[i] for i in positions_])
-                self.flags_pending = True
+        self.pending = []
+        self.keys = optimizer._state_keys(group)
+        self.tensor_ids = {}
+        if self.uses_torch:
+            return  # devices without pyfused kernels: the whole step is torch's own
+        for i in positions:
+            _check_param(params[i], where(i))
+            _check_grad(params[i], grads[i], where(i))
+
+        # Each param's state as the step will leave it. What is new (torch's lazy state, a step
+        # counter moved to the host, a tensor copied into the param's layout) waits in
+        # self.pending until a step has run.
+        views, flags = [], []
+        for i, p in zip(positions, self.active):
+            existing = optimizer.state.get(p, {})
+            new, flag = optimizer._new_state(p, group, existing)
+            view = {**existing, **new}
+            new.update(_conformed_state(p, view, self.keys, where(i)))
+            views.append({**view, **new})
+            flags.append(flag)
+            if new:
+                self.pending.append((p, new))
+        if optimizer._counts_steps:
+            _conform_steps(self.active, views, self.pending)
+
+        members = {}
+        for i, p, view, flag in zip(positions, self.active, views, flags):
+            members.setdefault((p.device, p.dtype), []).append((i, p, view, flag))
+        for (device, dtype), group_members in members.items():
+            positions_, params_, views_, flags_ = map(list, zip(*group_members))
+            bucket = _Bucket(optimizer, where, device, dtype, positions_, params_, views_, self.keys)
+            if any(flags_):  # flags mark a tensor's first step only, cleared by commit()
+                bucket.flags = array.array("q", flags_)
             self.buckets.append(bucket)
+        # Holding the state tensors keeps their ids, which still_valid() compares, unique.
+        self.views = views
+        for key in self.keys + (("step",) if optimizer._counts_steps else ()):
+            self.tensor_ids[key] = [id(v[key]) for v in views]
 
     def still_valid(self, optimizer, group, params, grads) -> bool:
-        return (
-            optimizer.state is self.state_container
-            and [g is not None for g in grads] == self.has_grad
-            and list(map(_data_ptr, params)) == self.param_addresses
-            and self.keys == optimizer._state_keys(group)
-            and list(map(id, map(optimizer.state.get, self.active))) == self.state_ids
+        if self.pending or optimizer.state is not self.state_container:
+            return False
+        if [g is not None for g in grads] != self.has_grad or list(map(_data_ptr, params)) != self.param_addresses:
+            return False
+        if self.keys != optimizer._state_keys(group):
+            return False
+        states = list(map(optimizer.state.get, self.active))
+        try:
+            return all(list(map(id, map(operator.itemgetter(key), states))) == ids
+                       for key, ids in self.tensor_ids.items())
+        except (KeyError, TypeError):  # a state entry or a param's whole state is gone
+            return False
+
+    def commit(self, optimizer):
+        """After the step ran: the new state becomes the optimizer's."""
+        for param, new in self.pending:
+            optimizer.state[param].update(new)
+        self.pending = []
+        for bucket in self.buckets:
+            bucket.flags = None
+
+
+def _check_param(p, where):
+    if _REAL_DTYPES.get(p.dtype, p.dtype) not in _DTYPE_CODES:
+        raise TypeError(
+            f"{where} is {p.dtype}; pyfused supports float32, float64, float16 and bfloat16 params "
+            "(and complex64, complex128 as their real view)"
+        )
+    if not _is_dense(p):
+        raise RuntimeError(
+            f"{where} is not contiguous (shape {tuple(p.shape)}, strides {p.stride()}); pyfused "
+            "updates params in place and needs them dense"
         )
 
 
-def _normalize_step(state):
-    """Keeps `step` a host float scalar the kernel can count in (a loaded one may live elsewhere)."""
-    step = state["step"]
-    if not (isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.dtype in (torch.float32, torch.float64) and step.numel() == 1):
-        state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+def _check_grad(p, g, where):
+    if g.layout is not torch.strided:
+        raise RuntimeError(f"{where}: sparse gradients are not supported")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        raise RuntimeError(
+            f"{where}: its grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param "
+            f"({tuple(p.shape)}, {p.dtype}, {p.device})"
+        )
 
 
-def _uniform_step_dtype(bucket):
-    """One call counts all steps in one float type; a mix (from a changed default dtype) is unified."""
-    if bucket.step_tensors is None:
+def _conformed_state(p, state, keys, where):
+    """State tensors laid out unlike their param (a checkpoint from another layout), copied into
+    the param's layout; a state of another shape, dtype or device is refused."""
+    conformed = {}
+    for key in keys:
+        t = state[key]
+        if t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+            raise RuntimeError(
+                f"{where}: its state {key!r} ({tuple(t.shape)}, {t.dtype}, {t.device}) does not "
+                f"match the param ({tuple(p.shape)}, {p.dtype}, {p.device})"
+            )
+        if t.stride() != p.stride():
+            conformed[key] = torch.empty_like(p).copy_(t)  # empty_like keeps a dense param's strides
+    return conformed
+
+
+def _conform_steps(params, views, pending):
+    """Step counters the kernels can count in: host float scalars, one float type per group (a
+    loaded one may live on a device, be an int, or differ in type after a default-dtype change).
+    Counts are integers below 2^24, which every such type holds exactly."""
+    steps = [v["step"] for v in views]
+    host = all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.numel() == 1 for s in steps)
+    dtypes = {s.dtype for s in steps} if host else set()
+    if host and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         return
-    want = torch.float64 if bucket.steps_are_double else torch.float32
-    if any(t.dtype != want for t in bucket.step_tensors):
-        raise RuntimeError("pyfused: the `step` tensors of one param group mix float32 and float64")
+    want = dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} else torch.float32
+    new_by_param = {id(p): new for p, new in pending}
+    for p, view in zip(params, views):
+        step = view["step"]
+        if isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.dtype == want and step.numel() == 1:
+            continue
+        view["step"] = torch.tensor(float(step), dtype=want)
+        if id(p) in new_by_param:
+            new_by_param[id(p)]["step"] = view["step"]
+        else:
+            new = {"step": view["step"]}
+            pending.append((p, new))
+            new_by_param[id(p)] = new
 
 
 def _unhooked(step):
@@ -227,21 +283,64 @@ def _unhooked(step):
     return step
 
 
+class GradFactor:
+    """What the kernels apply to every grad before the update.
+
+    scale: torch.amp.GradScaler's scale (fused-optimizer protocol): grads are divided by it and
+        the unscaled grads are stored back, as torch's fused optimizers do;
+    multiplier: a clip coefficient deferred by pyfused.nn.utils.clip_grad_norm_(optimizer=...):
+        multiplied in, grads left as they are (that is the read and write it saves).
+    Both are 0-d tensors or None; on CUDA the Triton kernels read them on the device.
+    """
+
+    def __init__(self, scale=None, multiplier=None):
+        self.scale = scale
+        self.multiplier = multiplier
+        self.store_grads = scale is not None
+
+    @functools.cached_property
+    def divisor_value(self) -> float:
+        return float(self.scale) if self.scale is not None else 1.0
+
+    @functools.cached_property
+    def multiplier_value(self) -> float:
+        return float(self.multiplier) if self.multiplier is not None else 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.scale is not None or self.multiplier is not None
+
+    def on_device(self, device) -> torch.Tensor:
+        """[divisor, multiplier] as float64 on the device, without a host sync."""
+        one = torch.ones((), dtype=torch.float64, device=device)
+        parts = [t.to(device=device, dtype=torch.float64, non_blocking=True) if t is not None else one
+                 for t in (self.scale, self.multiplier)]
+        return torch.stack(parts)
+
+
 class FusedOptimizer:
     """Mixin in front of a torch.optim class; see the module docstring."""
 
     _kernel: str
     _torch_class: type
     _counts_steps = True
+    # torch.amp.GradScaler then hands its scale and found_inf to step() (as optimizer.grad_scale
+    # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
+    _step_supports_amp_scaling = True
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         name = f"pyfused.optim.{type(self).__name__}"
+        refusal = None
         if group.get("differentiable"):
-            raise RuntimeError(f"{name} does not support `differentiable`; use torch.optim for that")
-        if group.get("capturable") and any(p.device.type != "cuda" for p in group["params"]):
-            raise RuntimeError(f"{name} supports capturable=True only for CUDA params")
+            refusal = f"{name} does not support `differentiable`; use torch.optim for that"
+        elif group.get("capturable"):
+            refusal = (f"{name} does not support capturable=True (a step captured in a CUDA graph) "
+                       "yet; use torch.optim for that")
+        if refusal:
+            self.param_groups.pop()
+            raise RuntimeError(refusal)
 
     def step(self, closure=None):
         """Performs a single optimization step, one kernel call per (param group, dtype).
@@ -254,20 +353,30 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        factor = GradFactor(getattr(self, "grad_scale", None), self.__dict__.pop("_pyfused_grad_multiplier", None))
+        found_inf = getattr(self, "found_inf", None)
         if _backend.forced_backend() == "torch":
-            self._torch_step()
+            self._torch_step(factor, found_inf)
             return loss
         # Every group is checked before any tensor changes.
         work = [self._prepare(group, index) for index, group in enumerate(self.param_groups)]
+        if any(plan.uses_torch for _, plan, _ in work):
+            self._torch_step(factor, found_inf)
+            return loss
+        if found_inf is not None and float(found_inf) != 0:
+            return loss  # GradScaler saw inf or NaN: nothing moves, steps included
         for group, plan, _grad_copies in work:
             hyper = tuple(map(float, self._hyper(group)))
             for bucket in plan.buckets:
-                _run(self._kernel, bucket, hyper)
-            if plan.flags_pending:  # flags mark a tensor's first step only
-                for bucket in plan.buckets:
-                    bucket.flags = None
-                plan.flags_pending = False
+                _run(self._kernel, bucket, hyper, factor)
+            plan.commit(self)
         return loss
+
+    def defer_grad_multiplier(self, multiplier: torch.Tensor) -> None:
+        """Multiplies every grad by `multiplier` (a 0-d tensor) inside the next step's kernels,
+        without changing the grads. pyfused.nn.utils.clip_grad_norm_(optimizer=...) uses this."""
+        previous = self.__dict__.get("_pyfused_grad_multiplier")
+        self._pyfused_grad_multiplier = multiplier if previous is None else previous * multiplier
 
     def _prepare(self, group, index):
         params = group["params"]
@@ -275,42 +384,63 @@ class FusedOptimizer:
         plans = self.__dict__.setdefault("_pyfused_plans", {})
         plan = plans.get(index)
         if plan is None or plan.group is not group or not plan.still_valid(self, group, params, grads):
+            plans.pop(index, None)
             plan = _GroupPlan(self, group, index, params, grads)
             plans[index] = plan
         copies = [bucket.load_grads(grads) for bucket in plan.buckets]
         return group, plan, copies
 
-    def _torch_step(self):
+    def _torch_step(self, factor, found_inf):
         """torch's own for-loop implementation: the reference (PYFUSED_BACKEND=torch)."""
+        if found_inf is not None and float(found_inf) != 0:
+            return
+        # The for-loop takes no grad factor. As in the kernels, grads are unscaled in place and
+        # the clip coefficient reaches the update only, through temporary grads.
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if factor.scale is not None:
+            torch._foreach_div_(grads, factor.divisor_value)
+        if factor.multiplier is not None:
+            for p, g in zip(params, torch._foreach_mul(grads, factor.multiplier_value)):
+                p.grad = g
         saved = [(group.get("foreach"), group.get("fused")) for group in self.param_groups]
         for group in self.param_groups:
             group["foreach"] = False
             if "fused" in group:
                 group["fused"] = False
+        scale = self.__dict__.pop("grad_scale", None)
+        found = self.__dict__.pop("found_inf", None)
         try:
             _unhooked(self._torch_class.step)(self)
         finally:
+            for p, g in zip(params, grads):
+                p.grad = g
             for group, (foreach, fused) in zip(self.param_groups, saved):
                 group["foreach"] = foreach
                 if "fused" in group:
                     group["fused"] = fused
+            if scale is not None:
+                self.grad_scale = scale
+            if found is not None:
+                self.found_inf = found
 
     # Filled in by each optimizer.
     def _state_keys(self, group):
         raise NotImplementedError
 
-    def _init_state(self, param, group, state):
+    def _new_state(self, param, group, state):
         raise NotImplementedError
 
     def _hyper(self, group):
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hyper):
+def _run(kernel, bucket, hyper, factor):
     if bucket.n == 0:
         return
-    backend = _backend.backend_for(bucket.device)
-    if backend == "cpp":
-        _cpp.optimizer_step(kernel, bucket, hyper)
+    if _backend.backend_for(bucket.device) == "cpp":
+        _cpp.optimizer_step(kernel, bucket, hyper, factor)
     else:
-        raise NotImplementedError(f"pyfused's {backend} backend is not available yet")
+        from pyfused import _triton  # imports triton: only once a step needs it
+
+        _triton.optimizer_step(kernel, bucket, hyper, factor)

@@ -18,14 +18,14 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _state_keys(self, group):
         return ("sum",)
 
-    def _init_state(self, param, group, state):
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+    def _new_state(self, param, group, state):
+        # torch creates this state in __init__; here only for params added or reset since.
+        new = {} if "step" in state else {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
         if "sum" not in state:
             value = group["initial_accumulator_value"]
             value = complex(value, value) if param.is_complex() else value
-            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
-        return 0
+            new["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+        return new, 0
 
     def _hyper(self, group):
         return (group["lr"], group["lr_decay"], group["weight_decay"], group["eps"], group["maximize"])

@@ -20,13 +20,12 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _init_state(self, param, group, state):
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+    def _new_state(self, param, group, state):
+        new = {} if "step" in state else {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return 0
+                new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return new, 0
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]

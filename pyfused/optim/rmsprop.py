@@ -24,13 +24,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             keys += ("grad_avg",)
         return keys
 
-    def _init_state(self, param, group, state):
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
+    def _new_state(self, param, group, state):
+        new = {} if "step" in state else {"step": torch.zeros((), dtype=_get_scalar_dtype())}
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return 0
+                new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return new, 0
 
     def _hyper(self, group):
         return (

@@ -21,11 +21,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _state_keys(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _init_state(self, param, group, state):
+    def _new_state(self, param, group, state):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
-            return _FRESH_BUFFER
-        return 0
+            # Zeros only for tidiness: the kernel replaces a fresh buffer by the grad, ignoring its values.
+            return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}, _FRESH_BUFFER
+        return {}, 0
 
     def _hyper(self, group):
         return (

@@ -1,0 +1,145 @@
+"""The multi-tensor driver for CUDA tensors: one launch updates every tensor of a bucket.
+
+Each program takes one chunk (a tensor and a CHUNK-sized range of it) from the chunk table and
+walks it in BLOCKs. Tensors are reached through int64 address tables, so the number of tensors
+never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py builds them):
+
+  tables   numels[n] | param addresses[n] | state addresses[STATES][n] | chunks[C][2] (tensor, start)
+           built once per plan and kept on the device;
+  uploads  grad addresses[n] | hyper[N_HYPER] (float64 bits) | scalars[n][K] (float64 bits)
+           rebuilt every step (grads are new tensors, steps advance);
+  factors  float64 [divisor, multiplier] applied to each grad when FACTORED (GradScaler's scale,
+           a deferred clip coefficient), read on the device; see GradFactor in pyfused/optim.
+"""
+
+import triton
+import triton.language as tl
+
+from pyfused.kernels import optimizers
+
+# The OPTIMIZER constexpr; pyfused/_triton.py maps kernel names to these.
+SGD, ADAGRAD, RMSPROP, ADAM = (tl.constexpr(i) for i in range(4))
+
+
+@triton.jit
+def _load(ptrs, mask, BF16: tl.constexpr, OP: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    else:
+        raw = tl.load(ptrs)
+    if BF16:  # stored as uint16 bits: widening is exact
+        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(OP)
+
+
+@triton.jit
+def _store(ptrs, value, mask, BF16: tl.constexpr, MASKED: tl.constexpr):
+    if BF16:
+        # Round to nearest even by hand: the interpreter truncates on .to(tl.bfloat16).
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        value = tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)  # NaN as torch writes it
+    else:
+        value = value.to(ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+@triton.jit
+def _address(table, index, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(table + index).to(tl.pointer_type(STORAGE))
+    if ALIGNED:  # every address is 16-byte aligned: lets loads and stores use 128-bit accesses
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _update_block(
+    param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
+    OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
+    AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, MASKED: tl.constexpr,
+):
+    mask = index < end
+    p = _load(param_ptr + index, mask, BF16, OP, MASKED)
+    g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
+    if FACTORED:
+        g = optimizers._div(g, tl.load(factors).to(OP), OP)
+        if STORE_GRAD:  # unscaled, never clipped
+            _store(grad_ptr + index, g, mask, BF16, MASKED)
+        g = g * tl.load(factors + 1).to(OP)
+    s0 = tl.zeros([BLOCK], OP)
+    s1 = tl.zeros([BLOCK], OP)
+    s2 = tl.zeros([BLOCK], OP)
+    if STATES > 0:
+        s0 = _load(s0_ptr + index, mask, BF16, OP, MASKED)
+    if STATES > 1:
+        s1 = _load(s1_ptr + index, mask, BF16, OP, MASKED)
+    if STATES > 2:
+        s2 = _load(s2_ptr + index, mask, BF16, OP, MASKED)
+
+    if OPTIMIZER == SGD:
+        p, s0, s1, s2 = optimizers.sgd(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM, NESTEROV, L2)
+    elif OPTIMIZER == ADAGRAD:
+        p, s0, s1, s2 = optimizers.adagrad(p, g, s0, s1, s2, hyper, scalars, OP, L2)
+    elif OPTIMIZER == RMSPROP:
+        p, s0, s1, s2 = optimizers.rmsprop(p, g, s0, s1, s2, hyper, scalars, OP, L2, MOMENTUM, CENTERED)
+    else:
+        p, s0, s1, s2 = optimizers.adam(p, g, s0, s1, s2, hyper, scalars, OP, AMSGRAD, L2)
+
+    _store(param_ptr + index, p, mask, BF16, MASKED)
+    if STATES > 0:
+        _store(s0_ptr + index, s0, mask, BF16, MASKED)
+    if STATES > 1:
+        _store(s1_ptr + index, s1, mask, BF16, MASKED)
+    if STATES > 2:
+        _store(s2_ptr + index, s2, mask, BF16, MASKED)
+
+
+@triton.jit
+def optimizer_kernel(
+    tables, uploads, factors, n_tensors, first_chunk,
+    OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
+    STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
+    AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    chunk = tables + (2 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
+    t = tl.load(chunk)
+    start = tl.load(chunk + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, CHUNK)
+    end = tl.minimum(start + CHUNK, tl.load(tables + t))
+    param_ptr = _address(tables + n_tensors, t, STORAGE, ALIGNED)
+    grad_ptr = _address(uploads, t, STORAGE, ALIGNED)
+    # Absent states alias the param: never loaded or stored, since STATES guards them.
+    s0_ptr = param_ptr
+    s1_ptr = param_ptr
+    s2_ptr = param_ptr
+    if STATES > 0:
+        s0_ptr = _address(tables + 2 * n_tensors, t, STORAGE, ALIGNED)
+    if STATES > 1:
+        s1_ptr = _address(tables + 3 * n_tensors, t, STORAGE, ALIGNED)
+    if STATES > 2:
+        s2_ptr = _address(tables + 4 * n_tensors, t, STORAGE, ALIGNED)
+    hyper = uploads + n_tensors
+    scalars = hyper + N_HYPER + t * K
+
+    # Whole blocks without a mask (a mask of unknown extent keeps loads from vectorizing),
+    # then at most one masked block for the tail.
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for offset in range(start, full_end, BLOCK):
+        if ALIGNED:
+            offset = tl.multiple_of(offset, BLOCK)
+        _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK),
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
+                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=False)
+    if full_end < end:
+        _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK),
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
+                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=True)

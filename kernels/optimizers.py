@@ -1,0 +1,177 @@
+"""The optimizers' math for CUDA tensors: one @triton.jit update per optimizer.
+
+Each mirrors its twin in csrc/optimizers.h op for op, so the two backends agree bit for bit on
+elementwise fp32 updates: the same scalars (derived in float64, then rounded once to opmath),
+the same operation order, IEEE division and square root (div_rn, sqrt_rn; a plain `/` compiles
+to an approximate division) and no fused multiply-add (the launcher turns fusion off).
+
+An update gets blocks of param, grad and up to three state tensors, already in opmath, plus
+`hyper` (the optimizer's Hyper from csrc/optimizers.h, as float64, same field order) and
+`scalars` (the tensor's per-tensor scalars, computed on the host by the C++ module). It returns
+the new param and states. Flags (AMSGRAD, L2, ...) are compile-time, chosen by mode() below.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _div(a, b, OP: tl.constexpr):
+    # IEEE division: div_rn for float32 (a plain `/` is approximate there); float64's is exact.
+    if OP == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(x, OP: tl.constexpr):
+    if OP == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _lerp(start, end, weight, small_weight):
+    # torch.lerp's formula, which is exact at either end.
+    return tl.where(small_weight, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def _maximum(a, b):
+    # torch.maximum: NaN wins.
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _grad_sign(maximize, OP: tl.constexpr):
+    return tl.where(maximize != 0.0, -1.0, 1.0).to(OP)
+
+
+@triton.jit
+def sgd(param, grad, buf, unused1, unused2, hyper, scalars, OP: tl.constexpr,
+        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, L2: tl.constexpr):
+    # Hyper: lr, momentum, dampening, weight_decay, nesterov, maximize. Scalars: fresh.
+    lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
+    momentum = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+    dampening = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+    weight_decay = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    maximize = tl.load(hyper + 5).to(tl.float64, bitcast=True)
+    grad = grad * _grad_sign(maximize, OP)
+    if L2:
+        grad = grad + weight_decay.to(OP) * param
+    if MOMENTUM:
+        fresh = tl.load(scalars + 0).to(tl.float64, bitcast=True)
+        # torch starts the buffer as a copy of the first gradient, without dampening.
+        buf = tl.where(fresh != 0.0, grad, buf * momentum.to(OP) + (1.0 - dampening).to(OP) * grad)
+        if NESTEROV:
+            grad = grad + momentum.to(OP) * buf
+        else:
+            grad = buf
+    param = param + (-lr).to(OP) * grad
+    return param, buf, unused1, unused2
+
+
+@triton.jit
+def adagrad(param, grad, state_sum, unused1, unused2, hyper, scalars, OP: tl.constexpr,
+            L2: tl.constexpr):
+    # Hyper: lr, lr_decay, weight_decay, eps, maximize. Scalars: -clr.
+    weight_decay = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+    eps = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    maximize = tl.load(hyper + 4).to(tl.float64, bitcast=True)
+    neg_clr = tl.load(scalars + 0).to(tl.float64, bitcast=True).to(OP)
+    grad = grad * _grad_sign(maximize, OP)
+    if L2:
+        grad = grad + weight_decay.to(OP) * param
+    state_sum = state_sum + grad * grad
+    param = param + _div(neg_clr * grad, _sqrt(state_sum, OP) + eps.to(OP), OP)
+    return param, state_sum, unused1, unused2
+
+
+@triton.jit
+def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.constexpr,
+            L2: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr):
+    # Hyper: lr, alpha, eps, weight_decay, momentum, centered, maximize. No scalars.
+    # States: square_avg, then momentum_buffer if MOMENTUM, then grad_avg if CENTERED.
+    lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
+    alpha = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+    eps = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+    weight_decay = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    momentum = tl.load(hyper + 4).to(tl.float64, bitcast=True)
+    maximize = tl.load(hyper + 6).to(tl.float64, bitcast=True)
+    grad = grad * _grad_sign(maximize, OP)
+    if L2:
+        grad = grad + weight_decay.to(OP) * param
+    square_avg = square_avg * alpha.to(OP) + (1.0 - alpha).to(OP) * grad * grad
+    if MOMENTUM:
+        buf = second
+        grad_avg = third
+    else:
+        buf = third
+        grad_avg = second
+    if CENTERED:
+        small_weight = tl.abs(1.0 - alpha) < 0.5
+        grad_avg = _lerp(grad_avg, grad, (1.0 - alpha).to(OP), small_weight)
+        avg = _sqrt(square_avg + (-1.0 * grad_avg) * grad_avg, OP)
+    else:
+        avg = _sqrt(square_avg, OP)
+    avg = avg + eps.to(OP)
+    if MOMENTUM:
+        buf = buf * momentum.to(OP) + _div(grad, avg, OP)
+        param = param + (-lr).to(OP) * buf
+        second = buf
+        third = grad_avg
+    else:
+        param = param + _div((-lr).to(OP) * grad, avg, OP)
+        second = grad_avg
+        third = buf
+    return param, square_avg, second, third
+
+
+@triton.jit
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: tl.constexpr,
+         AMSGRAD: tl.constexpr, L2: tl.constexpr):
+    # Hyper: lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled.
+    # Scalars: -lr / bias_correction1, sqrt(bias_correction2).
+    lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
+    beta1 = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+    beta2 = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+    eps = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    weight_decay = tl.load(hyper + 4).to(tl.float64, bitcast=True)
+    maximize = tl.load(hyper + 6).to(tl.float64, bitcast=True)
+    decoupled = tl.load(hyper + 7).to(tl.float64, bitcast=True)
+    neg_step_size = tl.load(scalars + 0).to(tl.float64, bitcast=True).to(OP)
+    bias_correction2_sqrt = tl.load(scalars + 1).to(tl.float64, bitcast=True).to(OP)
+    param_decay = tl.where(decoupled != 0.0, 1.0 - lr * weight_decay, 1.0).to(OP)
+
+    grad = grad * _grad_sign(maximize, OP)
+    if L2:
+        grad = grad + weight_decay.to(OP) * param
+    param = param * param_decay
+    small_weight = tl.abs(1.0 - beta1) < 0.5
+    exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(OP), small_weight)
+    exp_avg_sq = exp_avg_sq * beta2.to(OP) + (1.0 - beta2).to(OP) * grad * grad
+    second_moment = exp_avg_sq
+    if AMSGRAD:
+        max_exp_avg_sq = _maximum(max_exp_avg_sq, exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    denom = _div(_sqrt(second_moment, OP), bias_correction2_sqrt, OP) + eps.to(OP)
+    param = param + _div(neg_step_size * exp_avg, denom, OP)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def mode(kernel: str, hyper: tuple) -> dict:
+    """The compile-time flags for a step, from the Hyper values (as in each with_update in C++)."""
+    if kernel == "sgd":
+        lr, momentum, dampening, weight_decay, nesterov, maximize = hyper
+        return dict(MOMENTUM=momentum != 0, NESTEROV=momentum != 0 and nesterov != 0, L2=weight_decay != 0)
+    if kernel == "adagrad":
+        return dict(L2=hyper[2] != 0)
+    if kernel == "rmsprop":
+        lr, alpha, eps, weight_decay, momentum, centered, maximize = hyper
+        return dict(L2=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered != 0)
+    if kernel == "adam":
+        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled = hyper
+        return dict(AMSGRAD=amsgrad != 0, L2=weight_decay != 0 and decoupled == 0)
+    raise ValueError(f"unknown optimizer kernel {kernel!r}")

@@ -1,0 +1,106 @@
+"""The CUDA backend: one launch of kernels/multi_tensor.py's driver per bucket and step.
+
+Imported on the first step that needs it, so `import pyfused` never imports triton. The same
+code runs CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is how CI tests it.
+"""
+
+import functools
+import operator
+import os
+
+import torch
+
+from pyfused import _cpp
+
+_OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}  # kernels/multi_tensor.py
+# Compiled kernels want enough programs per SM; the interpreter wants few, large blocks.
+_COMPILED_BLOCK, _COMPILED_CHUNK = 1024, 16384
+_BLOCK, _CHUNK = (4096, 16384) if os.environ.get("TRITON_INTERPRET") == "1" else (_COMPILED_BLOCK, _COMPILED_CHUNK)
+_MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x; a larger bucket takes several launches
+
+
+@functools.cache
+def _kernels():
+    import triton.language as tl
+
+    from pyfused.kernels import multi_tensor, norm, optimizers
+
+    # dtype code (csrc/kernels.h) -> (storage type, opmath type); bfloat16 travels as raw bits.
+    types = {0: (tl.float32, tl.float32), 1: (tl.float64, tl.float64), 2: (tl.float16, tl.float32),
+             3: (tl.uint16, tl.float32)}
+    return types, multi_tensor, optimizers, norm
+
+
+def _chunk_tables(numels, rows, device):
+    """numels | address rows | chunk table (tensor, start) pairs, as one int64 device tensor."""
+    counts = (numels + _CHUNK - 1) // _CHUNK
+    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    starts = (torch.arange(len(tensor_of_chunk)) - first_chunk[tensor_of_chunk]) * _CHUNK
+    chunks = torch.stack([tensor_of_chunk, starts], 1).flatten()
+    tables = torch.cat([numels, rows.flatten(), chunks]).to(device)
+    return tables, len(tensor_of_chunk), bool((rows % 16 == 0).all())
+
+
+def _device_tables(bucket):
+    """A bucket's numels, param and state addresses and chunk table; built once per plan."""
+    rows = torch.frombuffer(bucket.addresses, dtype=torch.int64).view(-1, bucket.n)
+    kept = torch.cat([rows[:1], rows[2:]])  # grads come with each step's upload
+    numels = torch.frombuffer(bucket.numels, dtype=torch.int64)
+    tables, n_chunks, aligned = _chunk_tables(numels, kept, bucket.device)
+    return tables, n_chunks, len(kept) - 1, aligned
+
+
+def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Tensor:
+    """The p-th power of the tensors' global norm (csrc/norm.h's kinds), as a float64 0-d device
+    tensor: per-chunk partials from one launch, combined in chunk order without a host sync."""
+    types, _, _, norm = _kernels()
+    numels = torch.tensor(numels, dtype=torch.int64)
+    tables, n_chunks, aligned = _chunk_tables(numels, torch.tensor([addresses], dtype=torch.int64), device)
+    partials = torch.empty(n_chunks, dtype=torch.float64, device=device)
+    storage, op = types[dtype_code]
+    if n_chunks:
+        norm.norm_partials_kernel[(n_chunks,)](
+            tables, partials, len(numels), KIND=kind, P=float(p) if kind == 4 else 0.0, STORAGE=storage,
+            BF16=dtype_code == 3, OP=op, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+        )
+    if kind == 0:
+        return partials.max() if n_chunks else torch.zeros((), dtype=torch.float64, device=device)
+    if kind == 1:
+        return partials.min() if n_chunks else torch.full((), float("inf"), dtype=torch.float64, device=device)
+    return partials.sum()
+
+
+def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
+    types, multi_tensor, optimizers, _ = _kernels()
+    cached = bucket.__dict__.get("triton_tables")
+    if cached is None:
+        cached = bucket.triton_tables = _device_tables(bucket)
+    tables, n_chunks, n_states, aligned = cached
+    n = bucket.n
+    optimizer = _OPTIMIZERS[kernel]
+    k = _cpp._C.scalars_per_tensor(optimizer)
+
+    # One upload per step: grad addresses, hyper and the per-tensor scalars (steps advance here).
+    on_cuda = bucket.device.type == "cuda"
+    host = torch.empty(n + len(hyper) + n * k, dtype=torch.int64, pin_memory=on_cuda)
+    grads = bucket.addresses[n : 2 * n]
+    host[:n] = torch.frombuffer(grads, dtype=torch.int64)
+    host[n : n + len(hyper)] = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
+    _cpp.tensor_scalars(kernel, bucket, hyper, host.data_ptr() + 8 * (n + len(hyper)))
+    uploads = host.to(bucket.device, non_blocking=True) if on_cuda else host
+    aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
+
+    storage, op = types[bucket.dtype_code]
+    factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
+    for first in range(0, n_chunks, _MAX_PROGRAMS):
+        multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
+            tables, uploads, factors, n, first,
+            OPTIMIZER=optimizer, STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
+            STATES=n_states, N_HYPER=len(hyper), K=k,
+            **{"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
+               **optimizers.mode(kernel, hyper)},
+            FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads,
+            CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
+        )

@@ -1,0 +1,86 @@
+"""Every kernel variant pyfused launches compiles for a CUDA sm_90 target: no GPU needed.
+
+This catches what only compiled mode sees (type rules, constexpr branches the interpreter takes
+leniently), and the PTX shows whether the hot loop moves 128-bit words.
+"""
+
+import itertools
+import re
+
+import pytest
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pyfused import _cpp, _triton
+from pyfused.kernels import multi_tensor, optimizers
+
+TARGET = GPUTarget("cuda", 90, 32)
+STORAGE = {  # csrc dtype code -> (storage, opmath), as pyfused/_triton.py launches them
+    "fp32": (tl.float32, tl.float32), "fp64": (tl.float64, tl.float64),
+    "fp16": (tl.float16, tl.float32), "bf16": (tl.uint16, tl.float32),
+}
+# Every flag combination each optimizer's mode() can produce, from its Hyper values.
+HYPERS = {
+    "sgd": [(0.1, m, 0.0, wd, n, 0.0) for m, wd, n in itertools.product((0.0, 0.9), (0.0, 0.1), (0.0, 1.0))],
+    "adagrad": [(0.1, 0.0, wd, 1e-10, 0.0) for wd in (0.0, 0.1)],
+    "rmsprop": [(0.01, 0.99, 1e-8, wd, m, c, 0.0) for wd, m, c in itertools.product((0.0, 0.1), (0.0, 0.9), (0.0, 1.0))],
+    "adam": [(1e-3, 0.9, 0.999, 1e-8, wd, a, 0.0, d) for wd, a, d in itertools.product((0.0, 0.1), (0.0, 1.0), (0.0, 1.0))],
+}
+STATES = {"sgd": lambda m: int(m["MOMENTUM"]), "adagrad": lambda m: 1,
+          "rmsprop": lambda m: 1 + int(m["MOMENTUM"]) + int(m["CENTERED"]),
+          "adam": lambda m: 3 if m["AMSGRAD"] else 2}
+
+
+def variants():
+    seen = set()
+    for kernel, hypers in HYPERS.items():
+        for hyper in hypers:
+            mode = {"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
+                    **optimizers.mode(kernel, hyper)}
+            key = (kernel, tuple(sorted(mode.items())))
+            if key not in seen:
+                seen.add(key)
+                yield kernel, hyper, mode
+
+
+def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False):
+    storage, op = STORAGE[dtype]
+    optimizer = _triton._OPTIMIZERS[kernel]
+    constants = dict(
+        OPTIMIZER=optimizer, STORAGE=storage, BF16=dtype == "bf16", OP=op,
+        STATES=STATES[kernel](mode), N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(optimizer),
+        **mode, FACTORED=factored, STORE_GRAD=factored, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
+    )
+    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "n_tensors": "i32",
+                 "first_chunk": "i32"}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": 4})
+
+
+VARIANTS = list(variants())
+
+
+@pytest.mark.parametrize("dtype", list(STORAGE))
+@pytest.mark.parametrize("kernel,hyper,mode", VARIANTS, ids=[f"{k}-{'-'.join(n for n, v in sorted(m.items()) if v) or 'plain'}" for k, _, m in VARIANTS])
+@pytest.mark.parametrize("factored", [False, True], ids=["plain", "grad-factor"])
+def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
+    compiled = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=factored)
+    ptx = compiled.asm["ptx"]
+    assert ".entry optimizer_kernel" in ptx
+    # IEEE division and square root, never the approximate ones, and no fused multiply-add.
+    assert "div.approx" not in ptx and "div.full" not in ptx and "sqrt.approx" not in ptx
+    assert not re.search(r"\bfma\.rn\.f(32|64)", ptx)
+
+
+@pytest.mark.parametrize("kernel", ["sgd", "adagrad", "rmsprop", "adam"])
+def test_aligned_fp32_moves_128_bit_words(kernel):
+    hyper, mode = next((h, m) for k, h, m in VARIANTS if k == kernel)
+    aligned = compile_variant(kernel, hyper, mode, "fp32", aligned=True).asm["ptx"]
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", aligned), "the hot loop's loads are not 128-bit"
+    assert re.search(r"st\.global(\.\w+)*\.v4\.b32", aligned), "the hot loop's stores are not 128-bit"
+    # Unaligned addresses get the scalar variant, which must compile too.
+    unaligned = compile_variant(kernel, hyper, mode, "fp32", aligned=False).asm["ptx"]
+    assert not re.search(r"ld\.global(\.\w+)*\.v4", unaligned)
