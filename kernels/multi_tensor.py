@@ -10,6 +10,11 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
            rebuilt every step (grads are new tensors, steps advance);
   factors  float64 [divisor, multiplier] applied to each grad when FACTORED (GradScaler's scale,
            a deferred clip coefficient), read on the device; see GradFactor in pyfused/optim.
+
+With capturable=True nothing comes from the host during a step, so a CUDA graph can replay it:
+step counters live on the device, capturable_prologue_kernel advances them and writes lr and
+the per-tensor scalars into `uploads` (whose grad addresses and other hyperparameters change
+only when they do), and both kernels read GradScaler's found_inf on the device (SKIP).
 """
 
 import triton
@@ -101,14 +106,45 @@ def _update_block(
 
 
 @triton.jit
+def capturable_prologue_kernel(
+    steps, uploads, lr, skip, n_tensors,
+    OPTIMIZER: tl.constexpr, STEP: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
+    SKIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """steps: the address of each tensor's step counter (a 0-d STEP tensor on the device);
+    lr: the learning rate, a 0-d device tensor; skip: GradScaler's found_inf (if SKIP)."""
+    if SKIP:
+        if tl.load(skip) != 0:
+            return
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < n_tensors
+    counters = tl.load(steps + index, mask=mask, other=0).to(tl.pointer_type(STEP))
+    step = tl.load(counters, mask=mask, other=0) + 1
+    tl.store(counters, step, mask=mask)
+    hyper = uploads + n_tensors
+    rate = tl.load(lr).to(tl.float64)
+    if tl.program_id(0) == 0:
+        tl.store(hyper, rate.to(tl.int64, bitcast=True))
+    first, second = optimizers.tensor_scalars(OPTIMIZER, step.to(tl.float64), rate, hyper)
+    scalars = hyper + N_HYPER + index * K
+    if K > 0:
+        tl.store(scalars, first.to(tl.int64, bitcast=True), mask=mask)
+    if K > 1:
+        tl.store(scalars + 1, second.to(tl.int64, bitcast=True), mask=mask)
+
+
+@triton.jit
 def optimizer_kernel(
-    tables, uploads, factors, n_tensors, first_chunk,
+    tables, uploads, factors, skip, n_tensors, first_chunk,
     OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
     AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
+    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
+    if SKIP:  # GradScaler found inf or NaN: nothing moves
+        if tl.load(skip) != 0:
+            return
     chunk = tables + (2 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
     t = tl.load(chunk)
     start = tl.load(chunk + 1)

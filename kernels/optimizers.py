@@ -161,6 +161,31 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: t
     return param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
+@triton.jit
+def _pow(base, exponent):
+    return tl.exp2(exponent * tl.log2(base))
+
+
+@triton.jit
+def tensor_scalars(OPTIMIZER: tl.constexpr, step, lr, hyper):
+    """Per-tensor scalars from a step count held on the device, for capturable=True (the
+    non-capturable path gets them from the host: the scalars() of each Update in
+    csrc/optimizers.h, whose formulas these repeat in float64; pow here is exp2(e log2 b), which
+    can differ from the host's pow in the last bits). Returns up to two; unused ones are 0."""
+    zero = tl.zeros_like(step)
+    if OPTIMIZER == 1:  # Adagrad: -lr / (1 + (step - 1) * lr_decay)
+        lr_decay = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+        return -(lr / (1.0 + (step - 1.0) * lr_decay)), zero
+    elif OPTIMIZER == 3:  # Adam: -lr / bias_correction1, sqrt(bias_correction2)
+        beta1 = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+        beta2 = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+        bias_correction1 = 1.0 - _pow(beta1 + zero, step)
+        bias_correction2 = 1.0 - _pow(beta2 + zero, step)
+        return -(lr / bias_correction1), tl.sqrt(bias_correction2)
+    else:  # SGD (never capturable in torch) and RMSprop have none
+        return zero, zero
+
+
 def mode(kernel: str, hyper: tuple) -> dict:
     """The compile-time flags for a step, from the Hyper values (as in each with_update in C++)."""
     if kernel == "sgd":

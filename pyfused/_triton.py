@@ -4,6 +4,7 @@ Imported on the first step that needs it, so `import pyfused` never imports trit
 code runs CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 """
 
+import array
 import functools
 import operator
 import os
@@ -27,7 +28,7 @@ def _kernels():
 
     # dtype code (csrc/kernels.h) -> (storage type, opmath type); bfloat16 travels as raw bits.
     types = {0: (tl.float32, tl.float32), 1: (tl.float64, tl.float64), 2: (tl.float16, tl.float32),
-             3: (tl.uint16, tl.float32)}
+             3: (tl.uint16, tl.float32), "step_float": tl.float32, "step_double": tl.float64}
     return types, multi_tensor, optimizers, norm
 
 
@@ -63,6 +64,7 @@ def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Te
         norm.norm_partials_kernel[(n_chunks,)](
             tables, partials, len(numels), KIND=kind, P=float(p) if kind == 4 else 0.0, STORAGE=storage,
             BF16=dtype_code == 3, OP=op, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            enable_fp_fusion=False,
         )
     if kind == 0:
         return partials.max() if n_chunks else torch.zeros((), dtype=torch.float64, device=device)
@@ -71,15 +73,71 @@ def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Te
     return partials.sum()
 
 
-def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
+def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, skip):
     types, multi_tensor, optimizers, _ = _kernels()
+    storage, op = types[bucket.dtype_code]
+    factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
+    for first in range(0, n_chunks, _MAX_PROGRAMS):
+        multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
+            tables, uploads, factors, uploads if skip is None else skip, bucket.n, first,
+            OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
+            STATES=n_states, N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel]),
+            **{"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
+               **optimizers.mode(kernel, hyper)},
+            FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads, SKIP=skip is not None,
+            CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
+        )
+
+
+def capturable_step(kernel: str, bucket, hyper: tuple, grad_factor, lr, found_inf) -> None:
+    """capturable=True: no host sync and no host data that changes from step to step, so the
+    step can be captured in a CUDA graph. Two launches: the prologue advances the device step
+    counters and derives lr and the per-tensor scalars on the device, then the update."""
+    types, multi_tensor, _, _ = _kernels()
+    cached = bucket.__dict__.get("triton_tables")
+    if cached is None:  # torch's capturable optimizers (Adam, AdamW, RMSprop) all count steps
+        cached = bucket.triton_tables = _device_tables(bucket)
+        bucket.triton_steps = torch.frombuffer(bucket.steps, dtype=torch.int64).to(bucket.device)
+        bucket.triton_uploads = None
+    tables, n_chunks, n_states, aligned = cached
+    n = bucket.n
+    optimizer = _OPTIMIZERS[kernel]
+    k = _cpp._C.scalars_per_tensor(optimizer)
+
+    # Grad addresses and hyperparameters go up only when they change (never, in a graph).
+    host = array.array("q", bucket.addresses[n : 2 * n])
+    host.frombytes(array.array("d", hyper).tobytes())
+    if bucket.triton_uploads is None or host != bucket.triton_uploads_host:
+        uploads = torch.zeros(n + len(hyper) + n * k, dtype=torch.int64, device=bucket.device)
+        uploads[: len(host)] = torch.frombuffer(host, dtype=torch.int64).to(bucket.device)
+        bucket.triton_uploads, bucket.triton_uploads_host = uploads, host
+    uploads = bucket.triton_uploads
+    if not isinstance(lr, torch.Tensor):  # a float lr is kept in a device scalar
+        rate = bucket.__dict__.get("triton_lr")
+        if rate is None or bucket.triton_lr_value != lr:
+            rate = bucket.triton_lr = torch.full((), float(lr), dtype=torch.float64, device=bucket.device)
+            bucket.triton_lr_value = lr
+        lr = rate
+    lr = lr.to(bucket.device)
+
+    block = 1024  # tensors per prologue program
+    multi_tensor.capturable_prologue_kernel[((n + block - 1) // block,)](
+        bucket.triton_steps, uploads, lr, uploads if found_inf is None else found_inf, n,
+        OPTIMIZER=optimizer, STEP=types["step_double" if bucket.steps_are_double else "step_float"],
+        N_HYPER=len(hyper), K=k, SKIP=found_inf is not None, BLOCK=block, enable_fp_fusion=False,
+    )
+    aligned = aligned and functools.reduce(operator.or_, bucket.addresses[n : 2 * n], 0) % 16 == 0
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, found_inf)
+
+
+def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
         cached = bucket.triton_tables = _device_tables(bucket)
     tables, n_chunks, n_states, aligned = cached
     n = bucket.n
-    optimizer = _OPTIMIZERS[kernel]
-    k = _cpp._C.scalars_per_tensor(optimizer)
+    k = _cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel])
 
     # One upload per step: grad addresses, hyper and the per-tensor scalars (steps advance here).
     on_cuda = bucket.device.type == "cuda"
@@ -91,16 +149,4 @@ def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     uploads = host.to(bucket.device, non_blocking=True) if on_cuda else host
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
-    storage, op = types[bucket.dtype_code]
-    factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
-    for first in range(0, n_chunks, _MAX_PROGRAMS):
-        multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
-            tables, uploads, factors, n, first,
-            OPTIMIZER=optimizer, STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
-            STATES=n_states, N_HYPER=len(hyper), K=k,
-            **{"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
-               **optimizers.mode(kernel, hyper)},
-            FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads,
-            CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
-            enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
-        )
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, None)

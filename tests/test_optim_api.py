@@ -157,7 +157,7 @@ def test_foreach_and_fused_are_accepted(name):
 REFUSED_AT_CONSTRUCTION = [
     *[(name, {"differentiable": True}, RuntimeError,
        f"pyfused.optim.{name} does not support `differentiable`; use torch.optim for that") for name in OPTIMIZERS],
-    *[(name, {"capturable": True}, RuntimeError, f"pyfused.optim.{name} does not support capturable=True (a step captured in a CUDA graph) yet; use torch.optim for that")
+    *[(name, {"capturable": True}, RuntimeError, f"pyfused.optim.{name} supports capturable=True only for CUDA params")
       for name in ("RMSprop", "Adam", "AdamW")],
 ]
 

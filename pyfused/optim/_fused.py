@@ -19,8 +19,10 @@ refused for bad input, or skipped by GradScaler, changes nothing.
 import array
 import functools
 import operator
+import os
 
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused import _backend, _cpp
 
@@ -55,10 +57,11 @@ def _addresses_overlap(regions) -> bool:
 class _Bucket:
     """The tensors of one param group that share a device and dtype: one kernel call per step."""
 
-    def __init__(self, optimizer, where, device, dtype, positions, params, states, keys):
+    def __init__(self, optimizer, where, device, dtype, positions, params, states, keys, capturable=False):
         # states: each param's state as the step will leave it (existing and new tensors)
         self.device = device
         self.dtype = dtype
+        self.capturable = capturable  # step counters on the device; see pyfused/_triton.py
         self.dtype_code = _DTYPE_CODES[_REAL_DTYPES.get(dtype, dtype)]
         self.positions = positions
         self.n = len(positions)
@@ -174,14 +177,15 @@ class _GroupPlan:
             if new:
                 self.pending.append((p, new))
         if optimizer._counts_steps:
-            _conform_steps(self.active, views, self.pending)
+            _conform_steps(self.active, views, self.pending, on_device=bool(group.get("capturable")))
 
         members = {}
         for i, p, view, flag in zip(positions, self.active, views, flags):
             members.setdefault((p.device, p.dtype), []).append((i, p, view, flag))
         for (device, dtype), group_members in members.items():
             positions_, params_, views_, flags_ = map(list, zip(*group_members))
-            bucket = _Bucket(optimizer, where, device, dtype, positions_, params_, views_, self.keys)
+            bucket = _Bucket(optimizer, where, device, dtype, positions_, params_, views_, self.keys,
+                             capturable=bool(group.get("capturable")))
             if any(flags_):  # flags mark a tensor's first step only, cleared by commit()
                 bucket.flags = array.array("q", flags_)
             self.buckets.append(bucket)
@@ -252,22 +256,28 @@ def _conformed_state(p, state, keys, where):
     return conformed
 
 
-def _conform_steps(params, views, pending):
-    """Step counters the kernels can count in: host float scalars, one float type per group (a
-    loaded one may live on a device, be an int, or differ in type after a default-dtype change).
-    Counts are integers below 2^24, which every such type holds exactly."""
+def _conform_steps(params, views, pending, on_device=False):
+    """Step counters the kernels can count in: float scalars, one float type per group, on the
+    host (or on the params' device when capturable). A loaded one may live elsewhere, be an int,
+    or differ in type after a default-dtype change; counts are integers below 2^24, which every
+    such type holds exactly."""
+
+    def home(p):
+        return p.device if on_device else torch.device("cpu")
+
     steps = [v["step"] for v in views]
-    host = all(isinstance(s, torch.Tensor) and s.device.type == "cpu" and s.numel() == 1 for s in steps)
-    dtypes = {s.dtype for s in steps} if host else set()
-    if host and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+    placed = all(isinstance(s, torch.Tensor) and s.device == home(p) and s.numel() == 1
+                 for s, p in zip(steps, params))
+    dtypes = {s.dtype for s in steps} if placed else set()
+    if placed and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         return
     want = dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64} else torch.float32
     new_by_param = {id(p): new for p, new in pending}
     for p, view in zip(params, views):
         step = view["step"]
-        if isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.dtype == want and step.numel() == 1:
+        if isinstance(step, torch.Tensor) and step.device == home(p) and step.dtype == want and step.numel() == 1:
             continue
-        view["step"] = torch.tensor(float(step), dtype=want)
+        view["step"] = torch.tensor(float(step), dtype=want, device=home(p))
         if id(p) in new_by_param:
             new_by_param[id(p)]["step"] = view["step"]
         else:
@@ -333,11 +343,11 @@ class FusedOptimizer:
         group = self.param_groups[-1]
         name = f"pyfused.optim.{type(self).__name__}"
         refusal = None
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # runs CPU tensors as a device
         if group.get("differentiable"):
             refusal = f"{name} does not support `differentiable`; use torch.optim for that"
-        elif group.get("capturable"):
-            refusal = (f"{name} does not support capturable=True (a step captured in a CUDA graph) "
-                       "yet; use torch.optim for that")
+        elif group.get("capturable") and not interpreted and any(p.device.type != "cuda" for p in group["params"]):
+            refusal = f"{name} supports capturable=True only for CUDA params"
         if refusal:
             self.param_groups.pop()
             raise RuntimeError(refusal)
@@ -363,14 +373,29 @@ class FusedOptimizer:
         if any(plan.uses_torch for _, plan, _ in work):
             self._torch_step(factor, found_inf)
             return loss
-        if found_inf is not None and float(found_inf) != 0:
-            return loss  # GradScaler saw inf or NaN: nothing moves, steps included
+        # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
+        # verdict on the device; the others need it on the host.
+        if found_inf is not None and not all(g.get("capturable") for g in self.param_groups):
+            if float(found_inf) != 0:
+                return loss
+            found_inf = None
         for group, plan, _grad_copies in work:
-            hyper = tuple(map(float, self._hyper(group)))
+            hyper = self._hyper(group)
+            lr = hyper[0]
+            if group.get("capturable"):  # lr is read on the device, never on the host
+                hyper = (0.0,) + tuple(map(float, hyper[1:]))
+            else:
+                hyper = tuple(map(float, hyper))
             for bucket in plan.buckets:
-                _run(self._kernel, bucket, hyper, factor)
+                _run(self._kernel, bucket, hyper, factor, lr, found_inf)
             plan.commit(self)
         return loss
+
+    def _new_step(self, param, group):
+        """torch's step counter: on the param's device when capturable, else on the host."""
+        if group.get("capturable"):
+            return torch.zeros((), dtype=_get_scalar_dtype(), device=param.device)
+        return torch.tensor(0.0, dtype=_get_scalar_dtype())
 
     def defer_grad_multiplier(self, multiplier: torch.Tensor) -> None:
         """Multiplies every grad by `multiplier` (a 0-d tensor) inside the next step's kernels,
@@ -435,12 +460,17 @@ class FusedOptimizer:
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hyper, factor):
+def _run(kernel, bucket, hyper, factor, lr, found_inf):
     if bucket.n == 0:
         return
     if _backend.backend_for(bucket.device) == "cpp":
+        if found_inf is not None and float(found_inf) != 0:  # a host tensor: no sync
+            return
         _cpp.optimizer_step(kernel, bucket, hyper, factor)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
-        _triton.optimizer_step(kernel, bucket, hyper, factor)
+        if bucket.capturable:
+            _triton.capturable_step(kernel, bucket, hyper, factor, lr, found_inf)
+        else:
+            _triton.optimizer_step(kernel, bucket, hyper, factor)

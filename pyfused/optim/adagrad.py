@@ -1,5 +1,4 @@
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused.optim._fused import FusedOptimizer
 
@@ -20,7 +19,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _new_state(self, param, group, state):
         # torch creates this state in __init__; here only for params added or reset since.
-        new = {} if "step" in state else {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
+        new = {} if "step" in state else {"step": self._new_step(param, group)}
         if "sum" not in state:
             value = group["initial_accumulator_value"]
             value = complex(value, value) if param.is_complex() else value

@@ -1,5 +1,4 @@
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused.optim._fused import FusedOptimizer
 
@@ -21,7 +20,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         return ("exp_avg", "exp_avg_sq")
 
     def _new_state(self, param, group, state):
-        new = {} if "step" in state else {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
+        new = {} if "step" in state else {"step": self._new_step(param, group)}
         for key in self._state_keys(group):
             if key not in state:
                 new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)

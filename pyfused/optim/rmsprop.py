@@ -1,5 +1,4 @@
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused.optim._fused import FusedOptimizer
 
@@ -25,7 +24,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return keys
 
     def _new_state(self, param, group, state):
-        new = {} if "step" in state else {"step": torch.zeros((), dtype=_get_scalar_dtype())}
+        new = {} if "step" in state else {"step": self._new_step(param, group)}
         for key in self._state_keys(group):
             if key not in state:
                 new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)

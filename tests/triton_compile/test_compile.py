@@ -51,10 +51,10 @@ def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False):
     constants = dict(
         OPTIMIZER=optimizer, STORAGE=storage, BF16=dtype == "bf16", OP=op,
         STATES=STATES[kernel](mode), N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(optimizer),
-        **mode, FACTORED=factored, STORE_GRAD=factored, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
+        **mode, FACTORED=factored, STORE_GRAD=factored, SKIP=factored, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
     )
-    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "n_tensors": "i32",
-                 "first_chunk": "i32"}
+    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "skip": "*fp32",
+                 "n_tensors": "i32", "first_chunk": "i32"}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": 4})
@@ -65,7 +65,7 @@ VARIANTS = list(variants())
 
 @pytest.mark.parametrize("dtype", list(STORAGE))
 @pytest.mark.parametrize("kernel,hyper,mode", VARIANTS, ids=[f"{k}-{'-'.join(n for n, v in sorted(m.items()) if v) or 'plain'}" for k, _, m in VARIANTS])
-@pytest.mark.parametrize("factored", [False, True], ids=["plain", "grad-factor"])
+@pytest.mark.parametrize("factored", [False, True], ids=["plain", "grad-factor-and-skip"])
 def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
     compiled = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=factored)
     ptx = compiled.asm["ptx"]
@@ -84,3 +84,16 @@ def test_aligned_fp32_moves_128_bit_words(kernel):
     # Unaligned addresses get the scalar variant, which must compile too.
     unaligned = compile_variant(kernel, hyper, mode, "fp32", aligned=False).asm["ptx"]
     assert not re.search(r"ld\.global(\.\w+)*\.v4", unaligned)
+
+
+@pytest.mark.parametrize("kernel", ["rmsprop", "adam"])  # torch's capturable optimizers
+@pytest.mark.parametrize("step_type", [tl.float32, tl.float64], ids=["step-fp32", "step-fp64"])
+def test_capturable_prologue_compiles_for_sm90(kernel, step_type):
+    optimizer = _triton._OPTIMIZERS[kernel]
+    constants = dict(OPTIMIZER=optimizer, STEP=step_type, N_HYPER=len(HYPERS[kernel][0]),
+                     K=_cpp._C.scalars_per_tensor(optimizer), SKIP=True, BLOCK=1024)
+    signature = {"steps": "*i64", "uploads": "*i64", "lr": "*fp64", "skip": "*fp32", "n_tensors": "i32"}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=multi_tensor.capturable_prologue_kernel, signature=signature, constexprs=constants)
+    ptx = triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": 4}).asm["ptx"]
+    assert ".entry capturable_prologue_kernel" in ptx
