@@ -19,8 +19,8 @@ struct TensorTable {
   bool steps_are_double;
   const int64_t* flags;
   int threads;
-  // Each grad is divided by grad_divisor (GradScaler's scale) and multiplied by grad_multiplier
-  // (a clip coefficient) before the update; store_grads writes the unscaled grad back.
+  // Each grad is multiplied by grad_multiplier (a clip coefficient) before the update. With
+  // store_grads it is first divided by grad_divisor (GradScaler's scale) and stored back.
   double grad_divisor = 1;
   double grad_multiplier = 1;
   bool store_grads = false;

@@ -45,14 +45,14 @@ void with_flags(F&& f, bool first, Rest... rest) {
 }
 
 // What multiplies the grads before the update: GradScaler's scale (divided out, and the unscaled
-// grads stored, as torch's fused optimizers do) and a clip coefficient (multiplied in).
+// grads stored, as torch's fused optimizers do) and a clip coefficient (multiplied in; 1 when
+// there is none, which changes no value).
 template <class Op>
 struct GradFactor {
   Op divisor = 1, multiplier = 1;
-  bool store_grad = false;
 };
 
-template <class T, bool kFactored, class Update>
+template <class T, bool kUnscale, class Update>
 inline void update_span(const Update& update, T* const* base, int64_t offset, int64_t length,
                         const typename Update::Scalars& scalars, const GradFactor<OpMath<T>>& factor) {
   using Op = OpMath<T>;
@@ -66,11 +66,11 @@ inline void update_span(const Update& update, T* const* base, int64_t offset, in
   for (int64_t j = 0; j < length; ++j) {
     Op v[R];
     for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
-    if constexpr (kFactored) {
+    if constexpr (kUnscale) {
       v[kGrad] = v[kGrad] / factor.divisor;
-      if (factor.store_grad) store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
-      v[kGrad] = v[kGrad] * factor.multiplier;
+      store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
     }
+    v[kGrad] = v[kGrad] * factor.multiplier;
     update(v, scalars);
     for (int r = 0; r < R; ++r) {
       if (Update::kWrites & (1u << r)) store(ptr[r] + j, v[r]);
@@ -169,12 +169,11 @@ void multi_tensor_apply(const Update& update, const TensorTable& table) {
 
   std::vector<Scalars> scalars(n);
   prepare_tensors(update, table, scalars.data());
-  GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier), table.store_grads};
-  const bool factored = table.grad_divisor != 1 || table.grad_multiplier != 1 || table.store_grads;
+  GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier)};
   for_each_chunk(table, lay_out(table), [&](int64_t, int64_t i, int64_t begin, int64_t end) {
     T* base[R];
     for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
-    if (factored) {
+    if (table.store_grads) {
       update_span<T, true>(update, base, begin, end - begin, scalars[i], factor);
     } else {
       update_span<T, false>(update, base, begin, end - begin, scalars[i], factor);

@@ -26,14 +26,31 @@ inline A identity() {
   return K == NormKind::kMinAbs ? std::numeric_limits<A>::infinity() : A(0);
 }
 
-// Folds one |element| into an accumulator. NaN wins over max and min, as in torch.
+// Folds one |element| into an accumulator, a lane at a time or a vector of lanes at a time:
+// every lane sees the same operations in the same order either way. NaN wins over max and min,
+// as in torch.
 template <NormKind K, class A>
-inline A fold(A acc, A x, A p) {
+inline A fold(A acc, A x, double p) {
   if constexpr (K == NormKind::kMaxAbs) return (x > acc || x != x) ? x : acc;
   if constexpr (K == NormKind::kMinAbs) return (x < acc || x != x) ? x : acc;
   if constexpr (K == NormKind::kSumAbs) return acc + x;
   if constexpr (K == NormKind::kSumSquares) return acc + x * x;
-  return acc + std::pow(x, p);
+  return acc + std::pow(x, decltype(x)(p));
+}
+
+template <class A>
+struct LaneVector {
+  typedef A type __attribute__((vector_size(kLanes * sizeof(A))));
+};
+
+template <NormKind K, class V>
+inline V fold_lanes(V acc, V x, double p) {
+  if constexpr (K == NormKind::kMaxAbs) return ((x > acc) | (x != x)) ? x : acc;
+  if constexpr (K == NormKind::kMinAbs) return ((x < acc) | (x != x)) ? x : acc;
+  if constexpr (K == NormKind::kSumAbs) return acc + x;
+  if constexpr (K == NormKind::kSumSquares) return acc + x * x;
+  for (int l = 0; l < kLanes; ++l) acc[l] = fold<K>(acc[l], x[l], p);  // no vector pow
+  return acc;
 }
 
 // Merges two accumulators of the same kind.
@@ -49,18 +66,22 @@ inline A merge(A a, A b) {
 template <class T, NormKind K>
 double powered_sum(const TensorTable& table, double p) {
   using A = OpMath<T>;
+  using V = typename LaneVector<A>::type;
   const Layout layout = lay_out(table);
   std::vector<double> partial(layout.n_chunks, identity<K, double>());
   for_each_chunk(table, layout, [&](int64_t c, int64_t i, int64_t begin, int64_t end) {
     const T* x = reinterpret_cast<const T*>(table.addresses[i]);
-    A lanes[kLanes];
+    V lanes;
     for (int l = 0; l < kLanes; ++l) lanes[l] = identity<K, A>();
     int64_t j = begin;
     for (; j + kLanes <= end; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] = fold<K>(lanes[l], std::abs(load(x + j + l)), A(p));
+      V v;
+      for (int l = 0; l < kLanes; ++l) v[l] = load(x + j + l);
+      lanes = fold_lanes<K>(lanes, v < 0 ? -v : v, p);
     }
     for (; j < end; ++j) {
-      lanes[j % kLanes] = fold<K>(lanes[j % kLanes], std::abs(load(x + j)), A(p));
+      A v = load(x + j);
+      lanes[j % kLanes] = fold<K>(lanes[j % kLanes], v < 0 ? -v : v, p);
     }
     for (int l = 0; l < kLanes; ++l) partial[c] = merge<K>(partial[c], double(lanes[l]));
   });

@@ -8,8 +8,9 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
            built once per plan and kept on the device;
   uploads  grad addresses[n] | hyper[N_HYPER] (float64 bits) | scalars[n][K] (float64 bits)
            rebuilt every step (grads are new tensors, steps advance);
-  factors  float64 [divisor, multiplier] applied to each grad when FACTORED (GradScaler's scale,
-           a deferred clip coefficient), read on the device; see GradFactor in pyfused/optim.
+  factors  float64 [divisor, multiplier] for each grad, read on the device when FACTORED:
+           GradScaler's scale (STORE_GRAD) and a deferred clip coefficient; see GradFactor in
+           pyfused/optim/_fused.py.
 
 With capturable=True nothing comes from the host during a step, so a CUDA graph can replay it:
 step counters live on the device, capturable_prologue_kernel advances them and writes lr and
@@ -72,10 +73,10 @@ def _update_block(
     mask = index < end
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
     g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
-    if FACTORED:
+    if STORE_GRAD:  # GradScaler's scale comes out, and the unscaled grad is stored back
         g = optimizers._div(g, tl.load(factors).to(OP), OP)
-        if STORE_GRAD:  # unscaled, never clipped
-            _store(grad_ptr + index, g, mask, BF16, MASKED)
+        _store(grad_ptr + index, g, mask, BF16, MASKED)
+    if FACTORED:  # the clip coefficient (1 when there is none)
         g = g * tl.load(factors + 1).to(OP)
     s0 = tl.zeros([BLOCK], OP)
     s1 = tl.zeros([BLOCK], OP)

@@ -14,6 +14,7 @@ scaling pass's write is gone. p.grad keeps its unclipped values.
 import array
 import functools
 import math
+import operator
 import types
 import warnings
 
@@ -22,6 +23,8 @@ import torch
 from pyfused import _backend, _cpp
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
 _COUNT = -1  # p = 0: torch counts the tensors whose norm is nonzero
 
 
@@ -68,9 +71,10 @@ def _group_powered_sum(tensors, kind, p, device, dtype):
         if kind == _COUNT:
             return (norms != 0).sum().double()
         return _merge(kind, list(norms.abs() ** p if kind in (_cpp.NORM_SUM_ABS, _cpp.NORM_SUM_SQUARES, _cpp.NORM_SUM_POW) else norms))
-    dense = [t if _is_dense(t) else t.contiguous() for t in tensors]
-    numels = array.array("q", [t.numel() for t in dense])
-    addresses = array.array("q", [t.data_ptr() for t in dense])
+    # Any dense layout will do: the norm does not care about element order.
+    dense = [t if t.is_contiguous() or _is_dense(t) else t.contiguous() for t in tensors]
+    numels = array.array("q", map(torch.Tensor.numel, dense))
+    addresses = array.array("q", map(torch.Tensor.data_ptr, dense))
     if backend == "cpp":
         value = _cpp.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p)
         return torch.tensor(value, dtype=torch.float64)
@@ -99,7 +103,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         return torch.tensor(0.0)
     kind = _kind(norm_type)
     first_device = tensors[0].device if tensors else torch.device("cpu")
-    result_dtype = functools.reduce(torch.promote_types, (_real(t.dtype) for t in tensors)) if tensors else torch.float32
+    dtypes = {_real(d) for d in set(map(_dtype_of, tensors))}
+    result_dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
     nonempty = [t for t in tensors if t.numel()]
     if group is not None:
         tensors = nonempty  # an empty shard is normal under ZeRO/FSDP: it adds nothing
@@ -108,8 +113,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         which = "_foreach_norm cannot compute the infinity" if kind == _cpp.NORM_MAX_ABS else "linalg.vector_norm cannot compute the -inf"
         raise RuntimeError(f"{which} norm on an empty tensor because the operation does not have an identity")
     by_kind = {}
-    for t in tensors:
-        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for t, key in zip(tensors, zip(map(_device_of, tensors), map(_dtype_of, tensors))):
+        by_kind.setdefault(key, []).append(t)
     with torch.no_grad():
         parts = [
             _group_powered_sum(ts, kind, norm_type, device, dtype).to(first_device)
