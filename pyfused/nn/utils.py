@@ -25,6 +25,7 @@ from pyfused import _backend, _cpp
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _dtype_of = operator.attrgetter("dtype")
 _device_of = operator.attrgetter("device")
+_grad_of = operator.attrgetter("grad")
 _COUNT = -1  # p = 0: torch counts the tensors whose norm is nonzero
 
 
@@ -105,16 +106,19 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     first_device = tensors[0].device if tensors else torch.device("cpu")
     dtypes = {_real(d) for d in set(map(_dtype_of, tensors))}
     result_dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
-    nonempty = [t for t in tensors if t.numel()]
     if group is not None:
-        tensors = nonempty  # an empty shard is normal under ZeRO/FSDP: it adds nothing
-    elif kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and len(nonempty) < len(tensors):
+        tensors = [t for t in tensors if t.numel()]  # an empty shard is normal under ZeRO/FSDP
+    elif kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and not all(map(torch.Tensor.numel, tensors)):
         # torch's messages: max and min have no identity to give an empty tensor
         which = "_foreach_norm cannot compute the infinity" if kind == _cpp.NORM_MAX_ABS else "linalg.vector_norm cannot compute the -inf"
         raise RuntimeError(f"{which} norm on an empty tensor because the operation does not have an identity")
-    by_kind = {}
-    for t, key in zip(tensors, zip(map(_device_of, tensors), map(_dtype_of, tensors))):
-        by_kind.setdefault(key, []).append(t)
+    devices, dtypes = set(map(_device_of, tensors)), set(map(_dtype_of, tensors))
+    if len(devices) == 1 and len(dtypes) == 1:  # the usual case: no per-tensor grouping
+        by_kind = {(devices.pop(), dtypes.pop()): tensors} if tensors else {}
+    else:
+        by_kind = {}
+        for t, key in zip(tensors, zip(map(_device_of, tensors), map(_dtype_of, tensors))):
+            by_kind.setdefault(key, []).append(t)
     with torch.no_grad():
         parts = [
             _group_powered_sum(ts, kind, norm_type, device, dtype).to(first_device)
@@ -148,6 +152,10 @@ def _all_reduce(powered, kind, group):
     dist.all_reduce(powered, op=op, group=group)
 
 
+def _ids_with_grad(params):
+    return {id(p) for p, g in zip(params, map(_grad_of, params)) if g is not None}
+
+
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, optimizer=None):
     """torch.nn.utils.clip_grads_with_norm_; with ``optimizer``, the scaling is deferred into that
     pyfused optimizer's next step instead of rewriting the grads now."""
@@ -156,9 +164,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, opt
     if not hasattr(optimizer, "defer_grad_multiplier"):
         raise TypeError(f"optimizer= takes a pyfused optimizer, not {type(optimizer).__name__}")
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    clipped = {id(p) for p in parameters if p.grad is not None}
-    stepped = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
-    if clipped != stepped:
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    if _ids_with_grad(parameters) != _ids_with_grad(stepped):
         raise ValueError(
             "clip_grads_with_norm_(optimizer=...) scales every grad the optimizer steps, so "
             "`parameters` must be exactly the optimizer's params that have grads"
@@ -181,7 +188,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         parameters = list(parameters)
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in map(_grad_of, parameters) if g is not None]
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, group=group)
     clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, optimizer=optimizer)
     return total_norm
