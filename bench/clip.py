@@ -87,7 +87,7 @@ ADAMW_COUNTED = "AdamW 28 = read param, grad, exp_avg, exp_avg_sq + write param,
 CLIP_START = 0.5  # max_norm of the first call, as a share of the initial grads' norm
 CLIP_DECAY = 0.99  # max_norm shrinks by this each call: clipping stays active on the in-place paths
 
-NOISY_LOAD = 0.10  # other processes' CPU share above which a target's verdict is flagged unreliable
+NOISY_LOAD = harness.NOISY_LOAD
 BANDWIDTH_DIP = 0.75  # a cell whose own copy probe falls below this share of the run's is flagged too
 
 
@@ -545,29 +545,14 @@ def plot(results, probes, read_probes, path: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 2 timed calls per case")
     p.add_argument("--workloads", default=None,
                    help=f"comma-separated, from {','.join(WORKLOADS)} (default: both); others (optim.py's) "
                         "are ignored, so ./dev bench can pass one list to both benchmarks")
     p.add_argument("--sections", default="norm,step", help="comma-separated, from norm,step (default: both)")
     p.add_argument("--optimizers", default=None,
                    help="accepted for ./dev bench, which passes optim.py's options on; ignored (always AdamW)")
-    p.add_argument("--device", default="all", choices=("cpu", "cuda", "all"),
-                   help="cpu, cuda, or all: cpu plus cuda when a CUDA device is present (default)")
-    p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 10; --quick 2)")
-    p.add_argument("--block", type=int, default=None, help="timed calls per case per round (default 5; --quick 2)")
-    p.add_argument("--cell-seconds", type=float, default=8.0,
-                   help="stop a (section, workload) cell's rounds after this long once every case has 20 "
-                        "samples, and after twice this long in any case (default 8)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a cell again, up to this many times, while other processes took more than "
-                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 1)")
-    p.add_argument("--retry-until", type=float, default=75.0,
-                   help="no retry that would take the run past this many seconds (default 75)")
-    p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    harness.add_run_options(p, "call", cell_seconds=8.0, retry_until=75.0)
     p.add_argument("--long", action="store_true", help="add one table row per path, with p20 and p80")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if a target FAILs, a pyfused path does not run, or a check disagrees")
     args = p.parse_args(argv)
@@ -576,12 +561,8 @@ def parse_args(argv=None):
     else:
         chosen = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]
         args.workloads = [w for w in WORKLOADS if w in chosen]
-    sections = [x.strip().lower() for x in args.sections.split(",") if x.strip()]
-    if not sections or any(s not in ("norm", "step") for s in sections):
-        p.error(f"--sections: choose from norm,step (got {args.sections!r})")
-    args.sections = [s for s in ("norm", "step") if s in sections]
-    args.rounds = args.rounds or (2 if args.quick else 10)
-    args.block = args.block or (2 if args.quick else 5)
+    args.sections = harness.choices(p, "--sections", args.sections, ("norm", "step"))
+    harness.finish_run_options(args)
     return args
 
 
@@ -590,17 +571,7 @@ def main(argv=None) -> int:
     if not args.workloads:
         print(f"clip bench: none of its workloads ({', '.join(WORKLOADS)}) was asked for; nothing to do")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if args.device in ("cuda", "all"):
-        if torch.cuda.is_available():
-            devices.append(torch.device("cuda"))
-        else:
-            print("GPU section skipped: no CUDA device is present "
-                  f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+    devices = harness.selected_devices(args)
     if not devices:
         return 0
 

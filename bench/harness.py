@@ -494,3 +494,60 @@ def _cell(value) -> str:
             return f"{value:.1f}"
         return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3f}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# What every benchmark script shares on its command line
+
+NOISY_LOAD = 0.10  # other processes' CPU share above which a target's verdict is flagged unreliable
+
+
+def add_run_options(p, unit: str, cell_seconds: float, retry_until: float) -> None:
+    """The timing, device and output options of every benchmark; `unit` names what one timed
+    call is (a step, a call)."""
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: 2 rounds of 2 timed {unit}s per case")
+    p.add_argument("--device", default="all", choices=("cpu", "cuda", "all"),
+                   help="cpu, cuda, or all: cpu plus cuda when a CUDA device is present (default)")
+    p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 10; --quick 2)")
+    p.add_argument("--block", type=int, default=None, help=f"timed {unit}s per case per round (default 5; --quick 2)")
+    p.add_argument("--cell-seconds", type=float, default=cell_seconds,
+                   help="stop a cell's rounds after this long once every case has 20 samples, and after "
+                        f"twice this long in any case (default {cell_seconds:g}; bounds the run on a loaded machine)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="measure a cell again, up to this many times, while other processes took more than "
+                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 1)")
+    p.add_argument("--retry-until", type=float, default=retry_until,
+                   help=f"no retry that would take the run past this many seconds (default {retry_until:g})")
+    p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+
+
+def finish_run_options(args) -> None:
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    args.block = args.block or (2 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def choices(parser, flag: str, text: str, allowed) -> list:
+    """A comma-separated option's values, in `allowed`'s order; an unknown one is an error."""
+    chosen = [x.strip().lower() for x in text.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in allowed]
+    if bad or not chosen:
+        parser.error(f"{flag}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
+    return [k for k in allowed if k in chosen]
+
+
+def selected_devices(args) -> list:
+    """The devices --device asks for that are present (saying why CUDA is skipped)."""
+    devices = []
+    if args.device in ("cpu", "all"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("cuda", "all"):
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        else:
+            print("GPU section skipped: no CUDA device is present "
+                  f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+    return devices

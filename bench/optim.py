@@ -112,7 +112,7 @@ class Target:
 
 
 ALL = tuple(OPTIMIZERS)
-NOISY_LOAD = 0.10  # other processes' CPU share above which a target's verdict is flagged unreliable
+NOISY_LOAD = harness.NOISY_LOAD
 BANDWIDTH_DIP = 0.75  # a cell whose own copy probe falls below this share of the run's is flagged too
 TARGETS = [
     # issue 2, CPU (2 cores)
@@ -464,61 +464,26 @@ def plot(results, probes, path: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 2 timed steps per case")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--workloads", default=None,
                    help=f"comma-separated, from {','.join(WORKLOADS)} (default: large,small,mixed,host "
                         "on CPU; gpt2 as well on CUDA)")
-    p.add_argument("--device", default="all", choices=("cpu", "cuda", "all"),
-                   help="cpu, cuda, or all: cpu plus cuda when a CUDA device is present (default)")
-    p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 10; --quick 2)")
-    p.add_argument("--block", type=int, default=None, help="timed steps per case per round (default 5; --quick 2)")
-    p.add_argument("--cell-seconds", type=float, default=12.0,
-                   help="stop a (workload, optimizer) cell's rounds after this long once every case has "
-                        "20 samples, and after twice this long in any case (default 12; bounds the run "
-                        "on a loaded machine)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a cell again, up to this many times, while other processes took more than "
-                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 1)")
-    p.add_argument("--retry-until", type=float, default=120.0,
-                   help="no retry that would take the run past this many seconds (default 120)")
-    p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    harness.add_run_options(p, "step", cell_seconds=12.0, retry_until=120.0)
     p.add_argument("--long", action="store_true",
                    help="one table row per implementation, with p20 and p80 (default: implementations side by side)")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target FAILs or pyfused did not run")
     args = p.parse_args(argv)
-    args.optimizers = _choices(p, "--optimizers", args.optimizers, OPTIMIZERS)
+    args.optimizers = harness.choices(p, "--optimizers", args.optimizers, OPTIMIZERS)
     if args.workloads is not None:
-        args.workloads = _choices(p, "--workloads", args.workloads, WORKLOADS)
-    args.rounds = args.rounds or (2 if args.quick else 10)
-    args.block = args.block or (2 if args.quick else 5)
+        args.workloads = harness.choices(p, "--workloads", args.workloads, WORKLOADS)
+    harness.finish_run_options(args)
     return args
-
-
-def _choices(parser, flag, text, allowed):
-    chosen = [x.strip().lower() for x in text.split(",") if x.strip()]
-    bad = [x for x in chosen if x not in allowed]
-    if bad or not chosen:
-        parser.error(f"{flag}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
-    return [k for k in allowed if k in chosen]  # canonical order
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if args.device in ("cuda", "all"):
-        if torch.cuda.is_available():
-            devices.append(torch.device("cuda"))
-        else:
-            print("GPU section skipped: no CUDA device is present "
-                  f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+    devices = harness.selected_devices(args)
     if not devices:
         return 0
     workloads = {d.type: args.workloads or DEFAULT_WORKLOADS[d.type] for d in devices}
