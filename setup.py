@@ -3,7 +3,7 @@
 from glob import glob
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The instruction set is chosen at run time (csrc/isa_*.cpp), so nothing here targets the build
 # machine. -ffp-contract=off keeps every instruction-set build rounding identically;
@@ -18,7 +18,8 @@ extension = Pybind11Extension(
 ParallelCompile("PYFUSED_BUILD_JOBS", default=0).install()
 
 setup(
-    packages=["pyfused", "pyfused.optim", "pyfused.kernels"],
+    # Every package under pyfused/, found rather than listed, plus the kernels mapped in from kernels/.
+    packages=find_packages(include=["pyfused", "pyfused.*"]) + ["pyfused.kernels"],
     package_dir={"pyfused.kernels": "kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
