@@ -21,8 +21,9 @@ import warnings
 import torch
 
 from pyfused import _backend, _cpp
+from pyfused.optim._fused import _is_dense
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_CODES = _cpp.DTYPE_CODES
 _dtype_of = operator.attrgetter("dtype")
 _device_of = operator.attrgetter("device")
 _grad_of = operator.attrgetter("grad")
@@ -84,12 +85,6 @@ def _group_powered_sum(tensors, kind, p, device, dtype):
     return _triton.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p, device)
 
 
-def _is_dense(t):
-    from pyfused.optim._fused import _is_dense as dense
-
-    return dense(t)
-
-
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
     """torch.nn.utils.get_total_norm, in one pass per (device, dtype) group.
 
@@ -142,7 +137,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
 
 
 def _real(dtype):
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+    return _cpp.REAL_DTYPES.get(dtype, dtype)
 
 
 def _all_reduce(powered, kind, group):

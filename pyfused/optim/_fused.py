@@ -26,8 +26,8 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused import _backend, _cpp
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_REAL_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_DTYPE_CODES = _cpp.DTYPE_CODES
+_REAL_DTYPES = _cpp.REAL_DTYPES
 _grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
