@@ -55,9 +55,10 @@ class Errors:
                 self.rtol, self.atol = rtol, atol
             return
         same = (a == e) | (a.isnan() & e.isnan())  # inf == inf and NaN where torch has NaN agree
-        diff = torch.where(same, 0.0, (a - e).abs().nan_to_num(nan=math.inf))
-        rel = torch.where(diff == 0, 0.0, diff / e.abs())
-        ratio = torch.where(diff == 0, 0.0, diff / (atol + rtol * e.abs()))
+        diff = torch.where(same, 0.0, (a - e).abs().nan_to_num(nan=math.inf, posinf=math.inf))
+        # max rel: over the elements where torch's value is nonzero (a zero's is in max abs and err/tol)
+        rel = torch.where((diff == 0) | (e == 0), 0.0, (diff / e.abs()).nan_to_num(nan=math.inf, posinf=math.inf))
+        ratio = torch.where(diff == 0, 0.0, (diff / (atol + rtol * e.abs())).nan_to_num(nan=math.inf, posinf=math.inf))
         worst = float(ratio.max())
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.max_rel = max(self.max_rel, float(rel.max()))
