@@ -16,7 +16,14 @@ each Check naming a case and a dtype, with a function that runs it: it compares 
 with torch's through ``errors.record(actual, expected, rtol, atol)`` (which keeps the largest
 errors for the table) and raises AssertionError when the test suite's criterion fails. ``quick``
 asks for a subset that keeps the whole quick run under a minute on 2 cores. See optim.py and
-clip.py.
+clip.py; a dropout or batchnorm module follows the same shape.
+
+Statuses: PASS; FAIL (out of tolerance); ERROR (raised anything else); XFAIL / SKIP (a known,
+documented difference from the suite's KNOWN_ISSUES, with its reason; XPASS if it has gone).
+Only FAIL and ERROR make the exit status non-zero.
+
+_perturbed(eps) (PYFUSED_CHECK_PERTURB=eps on the command line) is the test-only hook that makes
+the kernels wrong on purpose, so that a test can see the checker fail.
 """
 
 import contextlib
