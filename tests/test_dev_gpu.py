@@ -18,5 +18,5 @@ def test_dev_gpu_without_cuda_says_so(tmp_path):
     done = subprocess.run([str(ROOT / "dev"), "gpu", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no CUDA here" in done.stderr
-    assert f"{sys.executable}: torch {torch.__version__}, CUDA None, GPU visible: False" in done.stderr
+    assert f"{sys.executable}: torch {torch.__version__}, CUDA {torch.version.cuda}, GPU visible: False" in done.stderr
     assert not out.exists()  # nothing built, nothing written
