@@ -4,14 +4,11 @@ Run by test_optim_parity.test_bitwise_identical_across_instruction_sets."""
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import optim_cases as oc  # noqa: E402
-from pyfused import _cpp  # noqa: E402
+from pyfused import _cpp
+from pyfused.check import optim_cases as oc
 
 CASES = ["SGD-nesterov_wd_maximize", "Adagrad-all", "RMSprop-all", "Adam-amsgrad_wd_maximize", "AdamW-tensor_lr"]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}

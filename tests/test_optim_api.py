@@ -16,8 +16,8 @@ import pyfused
 import pyfused.optim
 from pyfused import _cpp
 
-import optim_cases as oc
-from optim_cases import CASES_BY_ID, DTYPES_BY_NAME, OPTIMIZERS
+from pyfused.check import optim_cases as oc
+from pyfused.check.optim_cases import CASES_BY_ID, DTYPES_BY_NAME, OPTIMIZERS
 
 FP32 = DTYPES_BY_NAME["fp32"]
 

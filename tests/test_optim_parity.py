@@ -12,8 +12,8 @@ import torch
 
 from pyfused import _cpp
 
-import optim_cases as oc
-from optim_cases import CASES_BY_ID, DTYPES_BY_NAME, LARGE_SIZE, check_parity
+from pyfused.check import optim_cases as oc
+from pyfused.check.optim_cases import CASES_BY_ID, DTYPES_BY_NAME, LARGE_SIZE, check_parity
 
 HERE = Path(__file__).resolve().parent
 

@@ -24,17 +24,12 @@ import torch
 
 import pyfused
 from triton_suite import DEVICE
+from pyfused.check.clip_cases import TRITON_RTOL as RTOL
 from pyfused.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
 INF = math.inf
 NORM_TYPES = (INF, -INF, 0.0, 1.0, 2.0, 3.0, 0.5)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-RTOL = {
-    torch.float32: 4e-6,  # times max(1, 1/p): see above
-    torch.float64: 1e-13,
-    torch.bfloat16: 2.0**-7,  # one ulp
-    torch.float16: 2.0**-10,
-}
 # log2(0) in the masked lanes of |x|^p: harmless (exp2(-inf) = 0), numpy warns under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 

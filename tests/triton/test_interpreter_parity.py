@@ -1,5 +1,5 @@
 """The Triton kernels against torch's for-loop implementation, through the C++ suite's parity
-table (tests/optim_cases.py): every case in fp32, one case per optimizer in each other dtype,
+table (pyfused/check/optim_cases.py): every case in fp32, one case per optimizer in each other dtype,
 sizes that fit the interpreter (~1e6 elements/s).
 
 On a GPU machine the kernels run compiled on CUDA tensors, where test_cpp_vs_triton.py shows them
@@ -7,15 +7,10 @@ bit-identical to the C++ backend, which the C++ suite holds to torch; this table
 tensors, so it runs under the interpreter only.
 """
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import optim_cases as oc  # noqa: E402
-from triton_suite import INTERPRETED  # noqa: E402
+from pyfused.check import optim_cases as oc
+from triton_suite import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the parity table builds CPU tensors: interpreter only")
 

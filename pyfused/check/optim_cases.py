@@ -1,7 +1,7 @@
 """Shared tables and the parity check for pyfused's optimizers (modelled on PyTorch's
 torch/testing/_internal/common_optimizers.py). Backend-neutral, so a Triton suite imports it:
 
-    from optim_cases import CASES, DTYPES_BY_NAME, check_parity
+    from pyfused.check.optim_cases import CASES, DTYPES_BY_NAME, check_parity
     for case in CASES:
         check_parity(case, DTYPES_BY_NAME["fp32"], sizes=(0, 1, 7, 130), backend="triton")
 
