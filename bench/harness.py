@@ -101,7 +101,7 @@ class Cell:
     repeat: int = 1  # calls per timed sample (short calls)
     sweep: str | None = None  # "size" or "count": plotted as GB/s against x
     x: int | None = None
-    rounds: int | None = None  # instead of the run's
+    rounds: int | None = None  # instead of the run's, all of them whatever the time
     block: int | None = None
     show: dict[str, str] = field(default_factory=dict)  # column title -> key of Run.extra()'s dict
 
@@ -297,7 +297,7 @@ def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
         try:
             stats = run_interleaved(cases + ([] if cell.one_thread else probes.cases()), cell.rounds or cfg.rounds,
                                     cell.block or cfg.block, cfg.device, cfg.cell_seconds,
-                                    min_rounds=min(cell.rounds or cfg.rounds, 2))
+                                    min_rounds=cell.rounds or min(cfg.rounds, 2))
         finally:
             torch.set_num_threads(threads)
         probes.record(stats)
@@ -325,7 +325,6 @@ def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
     for row in rows.values():
         row["foreign_cpu_share"] = busy
     del runs
-    gc.collect()
     if cfg.device.type == "cuda":
         torch.cuda.empty_cache()
     return list(rows.values())
