@@ -39,7 +39,7 @@ NORM = {
     "torch-forloop": lambda grads: torch.nn.utils.get_total_norm(grads, 2.0, foreach=False),
     "torch-vector_norm": lambda grads: torch.linalg.vector_norm(grads[0]),  # one tensor only
 }
-STEP_BYTES = {"pyfused-fused": 32, "pyfused-unfused": 40, "torch": 40}
+STEP_BYTES = {"pyfused-fused": 32, "torch": 40, "pyfused-unfused": 40}  # the second: the reference
 
 
 def grads_for(cfg: Config, shapes):
@@ -54,16 +54,19 @@ def norm_cell(cfg: Config, table: str, workload: str, desc: str, shapes, impls, 
 
     def setup():
         grads = grads_for(cfg, shapes)[1]
+        exact = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
 
         def factory(impl):
             fn = NORM[impl]
-            return lambda: Run(lambda: fn(grads), outputs=lambda: [fn(grads)])
+            return lambda: Run(lambda: fn(grads), outputs=lambda: [fn(grads)],
+                               extra=lambda: {"rel_error_vs_float64": abs(float(fn(grads)) - exact) / exact})
 
         return {impl: factory(impl) for impl in impls}
 
-    # rtol 1e-5: torch's fp32 sums of up to 10M squares carry ~1e-6 relative error; pyfused's ~1e-8
+    # rtol 3e-4: torch's fp32 norm of one 4Mi-value tensor is 9e-5 off float64 here (pyfused's ~1e-8,
+    # in the rows as rel_error_vs_float64); a wrong kernel is off by far more
     return Cell("clip", table, "norm", workload, desc, len(shapes), numel, 4 * numel, setup, bandwidth="read",
-                tol=(1e-5, 0.0), **options)
+                tol=(3e-4, 0.0), **options)
 
 
 class ClipStep:

@@ -175,7 +175,8 @@ class Case:
 def run_interleaved(cases: list[Case], rounds: int, block: int, device: torch.device,
                     budget_s: float | None = None, min_rounds: int = 1) -> dict[str, Stats]:
     """Rounds of blocks, rotating the order (see the module docstring). Past budget_s seconds no
-    round starts once min_rounds are done; every case always gets the same number of calls."""
+    round starts once min_rounds are done, past 3 x budget_s none after the first (a loaded machine,
+    where torch's OpenMP paths slow down tenfold); every case always gets the same number of calls."""
     stats = {c.name: Stats() for c in cases}
     for c in cases:
         for _ in range(c.warmup):
@@ -187,7 +188,8 @@ def run_interleaved(cases: list[Case], rounds: int, block: int, device: torch.de
     started = time.perf_counter()
     try:
         for r in range(rounds):
-            if budget_s is not None and r >= min_rounds and time.perf_counter() - started > budget_s:
+            elapsed = time.perf_counter() - started
+            if budget_s is not None and (r >= min_rounds and elapsed > budget_s or r >= 1 and elapsed > 3 * budget_s):
                 break
             shift = r % len(cases)
             for c in cases[shift:] + cases[:shift]:
@@ -296,7 +298,7 @@ def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
             torch.set_num_threads(1)
         try:
             stats = run_interleaved(cases + ([] if cell.one_thread else probes.cases()), cell.rounds or cfg.rounds,
-                                    cell.block or cfg.block, cfg.device, cfg.cell_seconds,
+                                    cell.block or cfg.block, cfg.device, None if cell.rounds else cfg.cell_seconds,
                                     min_rounds=cell.rounds or min(cfg.rounds, 2))
         finally:
             torch.set_num_threads(threads)
