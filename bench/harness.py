@@ -305,7 +305,7 @@ def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
         probes.record(stats)
         synchronize(cfg.device)
         reference = next((i for i in runs if i != cell.ours), None)
-        expected = runs[reference].outputs() if reference and runs[reference].outputs else None
+        expected = [t.detach() for t in runs[reference].outputs()] if reference and runs[reference].outputs else None
         for impl, run in runs.items():
             s, row = stats[impl], rows[impl]
             row.update(status="ok", ms_p50=s.q(0.5) * 1e3, ms_p20=s.q(0.2) * 1e3, ms_p80=s.q(0.8) * 1e3,
@@ -316,7 +316,7 @@ def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
             if run.extra is not None:
                 row["extra"] = run.extra()
             if expected is not None and run.outputs is not None and impl != reference:
-                got = run.outputs()
+                got = [t.detach() for t in run.outputs()]
                 diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, expected) if a.numel()),
                            default=0.0)
                 close = len(got) == len(expected) and all(

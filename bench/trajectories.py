@@ -69,9 +69,9 @@ def after(cfg: Config, rows: list[dict], out: Path) -> list[Path]:
         gx, gy = torch.meshgrid(torch.linspace(*xs, 300), torch.linspace(*ys, 300), indexing="xy")
         z = f(gx, gy)
         if log:
-            ax.contour(gx, gy, torch.log10(z + 1e-3), levels=30, cmap="Greys", linewidths=0.6)
+            ax.contour(gx, gy, torch.log10(z + 1e-3), levels=20, cmap="Greys", linewidths=0.6)
         else:
-            ax.contour(gx, gy, z, levels=30, cmap="Greys", linewidths=0.6)
+            ax.contour(gx, gy, z, levels=20, cmap="Greys", linewidths=0.6)
         for color, (label, (name, hyper, adaptive)) in zip(colors, OPTIMIZERS.items()):
             lr = lrs[adaptive]
             xy = path(f, start, name, hyper, lr, steps)
@@ -85,6 +85,6 @@ def after(cfg: Config, rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("pyfused.optim on 2-D test functions (o start, * minimum)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "trajectories.png", dpi=90)
+    fig.savefig(out / "trajectories.png", dpi=72)
     plt.close(fig)
     return [out / "trajectories.png"]
