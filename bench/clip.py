@@ -2,8 +2,9 @@
 
 - norm alone (fp32 grads, p = 2): pyfused.nn.utils.get_total_norm against torch's
   get_total_norm(foreach=True) and its for-loop (foreach=False). Counted: one read of the grads,
-  4 B/element; %bw is the share of the read probe. The in-cache case (one thread, 32 Ki values,
-  128 KiB) is also timed against torch.linalg.vector_norm, the kernel its for-loop calls per tensor.
+  4 B/element; %bw is the share of the read probe. The in-cache cases (one thread, 32Ki values =
+  128 KiB, and 256Ki = 1 MiB) are also timed against torch.linalg.vector_norm, the kernel torch's
+  for-loop calls per tensor; the larger one shows the kernel's speed past the per-call cost.
 - clip + AdamW step, clip_grad_norm_ then step():
     pyfused-fused:   clip_grad_norm_(..., optimizer=opt), the coefficient applied inside the AdamW
                      kernel: 32 B/element = norm read 4 + AdamW 28;
@@ -31,6 +32,8 @@ WORKLOADS = {
     "large": ("150 x 65,536", [(65536,)] * 150),
     "small": ("2,000 x 1,024", [(1024,)] * 2000),
     "cache-1t": ("1 x 32,768, one thread, in cache", [(32768,)]),
+    # 1 MiB, still in L2 here: against cache-1t, separates the per-call cost from the kernel's speed
+    "cache-1t-256Ki": ("1 x 262,144, one thread, in L2", [(262144,)]),
 }
 CLIP_START, CLIP_DECAY = 0.5, 0.99
 NORM = {
@@ -116,8 +119,9 @@ def cells(cfg: Config) -> list[Cell]:
     main = ("pyfused", "torch-foreach", "torch-forloop")
     out = [norm_cell(cfg, "global 2-norm alone, fp32 grads", w, *WORKLOADS[w], main) for w in ("large", "small")]
     if cfg.cpu:
-        out.append(norm_cell(cfg, "global 2-norm, one thread, in cache", "cache-1t", *WORKLOADS["cache-1t"],
-                             ("pyfused", "torch-vector_norm", "torch-foreach"), one_thread=True, repeat=50))
+        out += [norm_cell(cfg, "global 2-norm, one thread, in cache", w, *WORKLOADS[w],
+                          ("pyfused", "torch-vector_norm", "torch-foreach"), one_thread=True, repeat=50)
+                for w in ("cache-1t", "cache-1t-256Ki")]
     out += [step_cell(cfg, w) for w in ("large", "small")]
     for size in cfg.pick([4096, 65536, 2**20], [2**k for k in range(10, 23, 2)], [256, 1024]):
         shapes = cfg.shapes([(size,)] * 8)
