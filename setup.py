@@ -1,4 +1,4 @@
-"""Builds pyfused._C from csrc/ and maps the Triton kernels in kernels/ to pyfused.kernels."""
+"""Builds pyfused._C from csrc/ and maps kernels/ (Triton) to pyfused.kernels, bench/ to pyfused.bench."""
 
 from glob import glob
 
@@ -18,9 +18,9 @@ extension = Pybind11Extension(
 ParallelCompile("PYFUSED_BUILD_JOBS", default=0).install()
 
 setup(
-    # Every package under pyfused/, found rather than listed, plus the kernels mapped in from kernels/.
-    packages=find_packages(include=["pyfused", "pyfused.*"]) + ["pyfused.kernels"],
-    package_dir={"pyfused.kernels": "kernels"},
+    # Every package under pyfused/, found rather than listed, plus the ones mapped in from kernels/ and bench/.
+    packages=find_packages(include=["pyfused", "pyfused.*"]) + ["pyfused.kernels", "pyfused.bench"],
+    package_dir={"pyfused.kernels": "kernels", "pyfused.bench": "bench"},
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
 )

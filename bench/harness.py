@@ -1,24 +1,20 @@
-"""Shared benchmark harness: interleaved timing, quantiles, bandwidth probes, metadata, output.
+"""What every family shares: timing, probes, metadata, rows, tables and targets.
 
-The model is Liger-Kernel's benchmark/ layout: one script per op family (bench/optim.py), this
-shared harness, one JSON-lines row per measurement carrying the machine, versions and time, and a
-readable table (plus a plot where matplotlib is available).
+A family script (optim.py, clip.py, ...) only says what it measures: a list of Cells, each one op
+on one workload with the implementations to compare and the bytes one call counts. This module
+times the cells and turns the timings into rows, tables and PASS/FAIL verdicts.
 
-Timing. `run_interleaved` takes several cases (callables) and runs them in rounds. In every round
-each case gets a short block: `warmup` untimed calls, then `block` calls timed one by one; the
-order of the cases rotates from round to round. Machine noise (other tenants, frequency changes)
-therefore hits every case alike instead of landing on whichever case ran during the bad second,
-and the untimed call at the top of each block puts every case in the same cache state (the other
-cases ran in between). Statistics are the median and the 20th/80th percentiles of all timed calls.
-CPU calls are timed with time.perf_counter; CUDA calls with CUDA events, synchronized at the end of
-each block.
+Timing. A cell's implementations and the bandwidth probes run in rounds. In every round each case
+gets a block: one untimed call, then `block` calls timed one by one (CUDA events on CUDA, each
+block synchronized at its end); the order of the cases rotates from round to round. Machine noise
+(other tenants, frequency changes) therefore hits every case alike, and the untimed call puts
+every case in the same cache state. Figures are the median and the 20th/80th percentiles.
 
-Bandwidth. `BandwidthProbe` adds two cases to every interleaved run: a copy `dst.copy_(src)`
-(counted as 2 accesses per element: read src, write dst; the write-allocate read that a copy also
-pays is not counted) and an in-place `a.add_(b, alpha=s)` (3 accesses: read a, read b, write a),
-both on float32 buffers of 256 MiB each, well beyond the caches, with torch's own threads. Their
-samples are pooled over the whole run, so a result's share of the bandwidth is taken against
-bandwidth measured side by side with it.
+Probes. Beside every cell (except the one-thread, in-cache ones) run, on fp32 buffers of
+`probe_mib` each, on the cell's device and torch's threads: a copy `dst.copy_(src)` counted as 2
+accesses per element (the write-allocate read is not counted), and two reads counted as one access,
+`x.sum()` and `torch.dot(x, x)`; the read bandwidth is the faster of those two. Their samples are
+pooled over the run, so every share of bandwidth is taken against bandwidth measured beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,60 +34,108 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NOISY_LOAD = 0.10  # other processes' CPU share above which a verdict is marked unreliable
 
-
-# ----------------------------------------------------------------------------------------------
-# Statistics
-
-
-def quantile(sorted_samples: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default) of already sorted samples."""
-    if not sorted_samples:
-        return math.nan
-    pos = q * (len(sorted_samples) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_samples) - 1)
-    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (pos - lo)
+# mode: rounds, timed calls per block, seconds after which a cell adds no rounds, probe buffer MiB
+MODES = {"tiny": (1, 1, 1.0, 4), "quick": (3, 2, 3.0, 256), "full": (10, 5, 15.0, 256)}
 
 
 @dataclass
-class Stats:
-    """Seconds per call: median and 20th/80th percentiles of the timed calls."""
+class Config:
+    mode: str  # "tiny" (the test suite's sizes), "quick" or "full"
+    device: torch.device
+    rounds: int
+    block: int
+    cell_seconds: float
+    probe_mib: int
 
-    samples: list[float] = field(default_factory=list)
-
-    def add(self, more: list[float]) -> None:
-        self.samples.extend(more)
-
-    @property
-    def n(self) -> int:
-        return len(self.samples)
-
-    def q(self, q: float) -> float:
-        return quantile(sorted(self.samples), q)
+    @classmethod
+    def make(cls, mode: str, device: torch.device) -> "Config":
+        return cls(mode, device, *MODES[mode])
 
     @property
-    def p50(self) -> float:
-        return self.q(0.5)
+    def cpu(self) -> bool:
+        return self.device.type == "cpu"
 
-    @property
-    def p20(self) -> float:
-        return self.q(0.2)
+    def pick(self, quick: list, full: list, tiny: list) -> list:
+        """A sweep's points in this mode."""
+        return {"quick": quick, "full": full, "tiny": tiny}[self.mode]
 
-    @property
-    def p80(self) -> float:
-        return self.q(0.8)
+    def shapes(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """A workload's shapes; in tiny mode at most 4 tensors of at most 1,024 elements."""
+        if self.mode != "tiny":
+            return shapes
+        return [(min(math.prod(s), 1024),) for s in shapes[:4]]
 
-    @property
-    def spread(self) -> float:
-        """(p80 - p20) / p50: the relative noise of this measurement."""
-        return (self.p80 - self.p20) / self.p50 if self.samples else math.nan
+
+# ----------------------------------------------------------------------------------------------
+# What a family describes
+
+
+@dataclass
+class Run:
+    """One implementation, ready: fn is one timed call. outputs() gives the tensors compared
+    across implementations after timing; extra() gives figures for its row."""
+
+    fn: Callable[[], object]
+    outputs: Callable[[], list[torch.Tensor]] | None = None
+    extra: Callable[[], dict] | None = None
+
+
+@dataclass
+class Cell:
+    family: str
+    table: str  # the table (and plot panel) the cell belongs to
+    op: str
+    workload: str  # short key, named by targets
+    desc: str  # what the workload is
+    n_tensors: int
+    numel: int
+    bytes: int | dict[str, int]  # bytes one call counts: for every implementation, or per implementation
+    setup: Callable[[], dict[str, Callable[[], Run]]]  # makes the data; implementation -> its factory
+    ours: str = "pyfused"  # the others' columns say how many times faster this one is
+    bandwidth: str = "copy"  # the probe a share is taken against: "copy" or "read"
+    tol: tuple[float, float] = (1e-4, 1e-5)  # rtol, atol of the cross-implementation check
+    one_thread: bool = False  # timed on one thread without probes: elements per ns (in-cache cases)
+    repeat: int = 1  # calls per timed sample (short calls)
+    sweep: str | None = None  # "size" or "count": plotted as GB/s against x
+    x: int | None = None
+    rounds: int | None = None  # instead of the run's, all of them whatever the time
+    block: int | None = None
+    show: dict[str, str] = field(default_factory=dict)  # column title -> key of Run.extra()'s dict
+
+
+@dataclass(frozen=True)
+class Target:
+    source: str  # the issue that set it
+    device: str
+    op: str
+    workload: str
+    kind: str  # "speedup" (baseline time / ours), "share" (of the cell's bandwidth), "us_per_tensor" (<=)
+    threshold: float
+    baselines: tuple[str, ...] = ()  # the first one measured is used
+    impl: str = "pyfused"
 
 
 # ----------------------------------------------------------------------------------------------
 # Timing
+
+
+class Stats:
+    """Seconds per call of the timed calls."""
+
+    def __init__(self, samples=()):
+        self.samples = list(samples)
+
+    def q(self, q: float) -> float:
+        s = sorted(self.samples)
+        if not s:
+            return math.nan
+        pos = q * (len(s) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def synchronize(device: torch.device) -> None:
@@ -100,185 +143,102 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], count: int, device: torch.device) -> list[float]:
-    """Times `count` calls of fn one by one; seconds per call."""
-    if count <= 0:
-        return []
+def time_calls(fn: Callable[[], object], count: int, device: torch.device, repeat: int = 1) -> list[float]:
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
         torch.cuda.synchronize(device)
         for start, end in events:
             start.record()
-            fn()
+            for _ in range(repeat):
+                fn()
             end.record()
         torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
+        return [start.elapsed_time(end) / 1e3 / repeat for start, end in events]
     out = []
-    clock = time.perf_counter
     for _ in range(count):
-        t0 = clock()
-        fn()
-        out.append(clock() - t0)
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        out.append((time.perf_counter() - t0) / repeat)
     return out
 
 
 @dataclass
 class Case:
-    """One thing to time. `block` and `warmup` override the run's defaults for this case."""
-
     name: str
     fn: Callable[[], object]
     block: int | None = None
-    warmup: int | None = None
+    warmup: int = 1
+    repeat: int = 1
 
 
-def run_interleaved(
-    cases: list[Case],
-    *,
-    rounds: int,
-    block: int,
-    warmup: int = 1,
-    device: torch.device = torch.device("cpu"),
-    initial_warmup: int = 2,
-    min_rounds: int | None = None,
-    budget_s: float | None = None,
-    hard_budget_s: float | None = None,
-) -> dict[str, Stats]:
-    """Round-robin blocks over the cases (see the module docstring). Returns Stats per case name.
-
-    With budget_s, rounds stop early once min_rounds are done and budget_s seconds have passed,
-    so a run on a loaded machine (where some paths slow down tenfold) stays bounded; after
-    hard_budget_s they stop even short of min_rounds. Every case always gets the same number of
-    rounds, hence the same number of calls.
-    """
+def run_interleaved(cases: list[Case], rounds: int, block: int, device: torch.device,
+                    budget_s: float | None = None, min_rounds: int = 1) -> dict[str, Stats]:
+    """Rounds of blocks, rotating the order (see the module docstring). Past budget_s seconds no
+    round starts once min_rounds are done, past 3 x budget_s none after the first (a loaded machine,
+    where torch's OpenMP paths slow down tenfold); every case always gets the same number of calls."""
     stats = {c.name: Stats() for c in cases}
-    for c in cases:  # first touches, lazy state, allocator and thread-pool start-up
-        for _ in range(initial_warmup):
+    for c in cases:
+        for _ in range(c.warmup):
             c.fn()
     synchronize(device)
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     started = time.perf_counter()
-    min_rounds = rounds if min_rounds is None else min(min_rounds, rounds)
     try:
         for r in range(rounds):
             elapsed = time.perf_counter() - started
-            if budget_s is not None and r >= min_rounds and elapsed > budget_s:
-                break
-            if hard_budget_s is not None and r >= 1 and elapsed > hard_budget_s:
+            if budget_s is not None and (r >= min_rounds and elapsed > budget_s or r >= 1 and elapsed > 3 * budget_s):
                 break
             shift = r % len(cases)
             for c in cases[shift:] + cases[:shift]:
-                for _ in range(warmup if c.warmup is None else c.warmup):
+                for _ in range(c.warmup):
                     c.fn()
-                stats[c.name].add(time_calls(c.fn, block if c.block is None else c.block, device))
+                stats[c.name].samples += time_calls(c.fn, c.block or block, device, c.repeat)
     finally:
         if gc_was_enabled:
             gc.enable()
     return stats
 
 
-# ----------------------------------------------------------------------------------------------
-# Bandwidth probes
+class Probes:
+    """The copy and read bandwidths of the run (see the module docstring)."""
 
-
-class BandwidthProbe:
-    """Copy and in-place `a += s*b` bandwidth on float32 buffers well beyond the caches.
-
-    `cases()` gives the two probe cases to put into every interleaved run; `record()` keeps their
-    samples, marked quiet or not (whether other processes left the machine alone meanwhile);
-    `copy` and `inplace` are the pooled Stats (seconds per call) of the quiet samples when there
-    are at least `min_quiet` of them, else of all samples; `gbps(kind)` is their median bandwidth
-    in GB/s (1e9 bytes per second).
-    """
-
-    COPY_ACCESSES = 2  # read src, write dst
-    INPLACE_ACCESSES = 3  # read a, read b, write a
-
-    def __init__(self, device: torch.device, mib: int = 256, samples_per_round: int = 2, min_quiet: int = 20):
-        self.device = device
-        self.numel = mib * 2**20 // 4
-        self.a = torch.full((self.numel,), 1.0, dtype=torch.float32, device=device)
-        self.b = torch.full((self.numel,), 0.5, dtype=torch.float32, device=device)
-        self.samples_per_round = samples_per_round
-        self.min_quiet = min_quiet
-        self.pools = {(kind, quiet): Stats() for kind in ("copy", "inplace") for quiet in (True, False)}
-
-    @property
-    def mib(self) -> int:
-        return self.numel * 4 // 2**20
-
-    def bytes(self, kind: str) -> int:
-        accesses = self.COPY_ACCESSES if kind == "copy" else self.INPLACE_ACCESSES
-        return accesses * self.numel * 4
-
-    def _copy(self):
-        self.a.copy_(self.b)
-
-    def _inplace(self):
-        self.a.add_(self.b, alpha=1e-3)
+    def __init__(self, device: torch.device, mib: int):
+        n = mib * 2**20 // 4
+        self.device, self.mib = device, mib
+        self.a = torch.full((n,), 1.0, device=device)
+        self.b = torch.full((n,), 0.5, device=device)
+        self.kinds = {  # name: (call, bytes counted, what)
+            "copy": (lambda: self.a.copy_(self.b), 8 * n, "dst.copy_(src), read + write"),
+            "read-sum": (lambda: self.b.sum(), 4 * n, "x.sum(), one read"),
+            "read-dot": (lambda: torch.dot(self.b, self.b), 4 * n, "torch.dot(x, x), one read"),
+        }
+        self.stats = {k: Stats() for k in self.kinds}
 
     def cases(self) -> list[Case]:
-        return [
-            Case("bw:copy", self._copy, block=self.samples_per_round, warmup=0),
-            Case("bw:inplace", self._inplace, block=self.samples_per_round, warmup=0),
-        ]
+        return [Case(f"probe:{k}", fn, block=1, warmup=0) for k, (fn, _b, _w) in self.kinds.items()]
 
-    def record(self, stats: dict[str, Stats], quiet: bool = True) -> None:
-        """Pools the probe samples of one interleaved run."""
-        for kind in ("copy", "inplace"):
-            if f"bw:{kind}" in stats:
-                self.pools[(kind, quiet)].add(stats[f"bw:{kind}"].samples)
+    def record(self, stats: dict[str, Stats]) -> None:
+        for k in self.kinds:
+            self.stats[k].samples += stats.get(f"probe:{k}", Stats()).samples
 
-    @property
-    def quiet_only(self) -> bool:
-        return self.pools[("copy", True)].n >= self.min_quiet
+    def gbps(self, kind: str, q: float = 0.5) -> float:
+        """GB/s (1e9 B/s) at the q-quantile time; "read": the faster of the two reads."""
+        if kind == "read":
+            return max(self.gbps("read-sum", q), self.gbps("read-dot", q))
+        return self.kinds[kind][1] / self.stats[kind].q(q) / 1e9 if self.stats[kind].samples else math.nan
 
-    def _pooled(self, kind: str) -> Stats:
-        if self.quiet_only:
-            return self.pools[(kind, True)]
-        return Stats(self.pools[(kind, True)].samples + self.pools[(kind, False)].samples)
-
-    @property
-    def copy(self) -> Stats:
-        return self._pooled("copy")
-
-    @property
-    def inplace(self) -> Stats:
-        return self._pooled("inplace")
-
-    @property
-    def basis(self) -> str:
-        quiet, loud = self.pools[("copy", True)].n, self.pools[("copy", False)].n
-        if self.quiet_only:
-            return f"{quiet} samples from the quiet cells" + (f", {loud} from loaded cells left out" if loud else "")
-        return f"{quiet + loud} samples, {loud} of them taken while other processes loaded the machine"
-
-    def gbps(self, kind: str, stats: Stats | None = None) -> float:
-        stats = stats if stats is not None else self._pooled(kind)
-        return self.bytes(kind) / stats.p50 / 1e9 if stats.n else math.nan
-
-    def gbps_range(self, kind: str) -> tuple[float, float]:
-        """(GB/s at the slow p80 time, GB/s at the fast p20 time)."""
-        stats = self._pooled(kind)
-        return self.bytes(kind) / stats.p80 / 1e9, self.bytes(kind) / stats.p20 / 1e9
-
-    def release(self) -> None:
-        del self.a, self.b
-
-
-# ----------------------------------------------------------------------------------------------
-# Other processes
+    def rows(self) -> list[dict]:
+        return [{"kind": "probe", "device": self.device.type, "probe": k, "what": what, "buffer_mib": self.mib,
+                 "bytes_per_call": size, "gbps": self.gbps(k), "gbps_at_p80_time": self.gbps(k, 0.8),
+                 "gbps_at_p20_time": self.gbps(k, 0.2), "n_samples": len(self.stats[k].samples)}
+                for k, (_fn, size, what) in self.kinds.items()]
 
 
 class ForeignLoad:
-    """How much CPU other processes took while we measured (Linux /proc; NaN elsewhere).
-
-    share() is the other processes' CPU time as a fraction of the machine's capacity (all CPUs)
-    since the object was made: 0 on a quiet machine; on 2 CPUs, one busy neighbour is 0.5. Any
-    non-zero figure means the timings competed for cores and memory bandwidth.
-    """
+    """Other processes' CPU time as a share of all CPUs since creation (Linux /proc; NaN elsewhere)."""
 
     def __init__(self):
         self.start = self._read()
@@ -290,101 +250,150 @@ class ForeignLoad:
                 values = [int(v) for v in f.readline().split()[1:9]]
             with open("/proc/self/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            own = int(fields[11]) + int(fields[12])  # utime + stime, all threads, in USER_HZ ticks
         except (OSError, ValueError, IndexError):
             return None
-        idle = values[3] + values[4]
-        return sum(values), idle, own
+        return sum(values), values[3] + values[4], int(fields[11]) + int(fields[12])  # total, idle, own
 
     def share(self) -> float:
         end = self._read()
-        if self.start is None or end is None:
+        if self.start is None or end is None or end[0] <= self.start[0]:
             return math.nan
         total = end[0] - self.start[0]
-        busy = total - (end[1] - self.start[1])
-        own = end[2] - self.start[2]
-        return max(0.0, busy - own) / total if total > 0 else math.nan
+        busy = total - (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, busy) / total
 
 
 # ----------------------------------------------------------------------------------------------
-# Metadata
+# Measuring one cell
 
 
-def _cpu_model() -> dict:
+def short_error(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:100]}"
+
+
+def measure(cell: Cell, cfg: Config, probes: Probes) -> list[dict]:
+    """One row per implementation of the cell: timings, check against the reference, errors."""
+    rows, runs = {}, {}
+    for impl, make in cell.setup().items():
+        size = cell.bytes[impl] if isinstance(cell.bytes, dict) else cell.bytes
+        rows[impl] = {"kind": "measurement", "family": cell.family, "table": cell.table, "op": cell.op,
+                      "workload": cell.workload, "impl": impl,
+                      "desc": cell.desc if cfg.mode != "tiny" else f"{cell.n_tensors} x <= 1,024 values (--tiny)", "ours": cell.ours,
+                      "device": cfg.device.type, "n_tensors": cell.n_tensors, "numel": cell.numel,
+                      "bytes_per_call": size, "bandwidth_probe": None if cell.one_thread else cell.bandwidth,
+                      "one_thread": cell.one_thread, "sweep": cell.sweep, "x": cell.x, "show": cell.show,
+                      "status": "n/a", "error": None}
+        try:
+            run = make()
+            run.fn()  # raises here if this implementation does not run on this device
+            runs[impl] = run
+        except Exception as error:  # noqa: BLE001 - reported in the table, not fatal
+            rows[impl]["error"] = short_error(error)
+    threads = torch.get_num_threads()
+    load = ForeignLoad()
+    if runs:
+        cases = [Case(impl, run.fn, repeat=cell.repeat) for impl, run in runs.items()]
+        if cell.one_thread:
+            torch.set_num_threads(1)
+        try:
+            stats = run_interleaved(cases + ([] if cell.one_thread else probes.cases()), cell.rounds or cfg.rounds,
+                                    cell.block or cfg.block, cfg.device, None if cell.rounds else cfg.cell_seconds,
+                                    min_rounds=cell.rounds or min(cfg.rounds, 2))
+        finally:
+            torch.set_num_threads(threads)
+        probes.record(stats)
+        synchronize(cfg.device)
+        reference = next((i for i in runs if i != cell.ours), None)
+        expected = [t.detach() for t in runs[reference].outputs()] if reference and runs[reference].outputs else None
+        for impl, run in runs.items():
+            s, row = stats[impl], rows[impl]
+            row.update(status="ok", ms_p50=s.q(0.5) * 1e3, ms_p20=s.q(0.2) * 1e3, ms_p80=s.q(0.8) * 1e3,
+                       n_samples=len(s.samples), calls_per_sample=cell.repeat,
+                       threads=1 if cell.one_thread else threads,
+                       gbps=row["bytes_per_call"] / s.q(0.5) / 1e9 if row["bytes_per_call"] else None,
+                       elements_per_ns=cell.numel / s.q(0.5) / 1e9)
+            if run.extra is not None:
+                row["extra"] = run.extra()
+            if expected is not None and run.outputs is not None and impl != reference:
+                got = [t.detach() for t in run.outputs()]
+                diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, expected) if a.numel()),
+                           default=0.0)
+                close = len(got) == len(expected) and all(
+                    torch.allclose(a.double(), b.double(), rtol=cell.tol[0], atol=cell.tol[1]) for a, b in zip(got, expected))
+                row.update(check="ok" if close else "MISMATCH", check_against=reference, max_abs_diff=diff,
+                           rtol=cell.tol[0], atol=cell.tol[1])
+    busy = load.share()
+    for row in rows.values():
+        row["foreign_cpu_share"] = busy
+    del runs
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def finish(rows: list[dict], probes: Probes) -> None:
+    """Shares of the run's pooled bandwidth, and each row's ratio to its cell's own implementation."""
+    ours = {(r["table"], r["op"], r["workload"]): r for r in rows if r["impl"] == r["ours"] and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if r["bandwidth_probe"] and r["gbps"]:
+            r["bandwidth_gbps"] = probes.gbps(r["bandwidth_probe"])
+            r["share_of_bandwidth"] = r["gbps"] / r["bandwidth_gbps"]
+        mine = ours.get((r["table"], r["op"], r["workload"]))
+        if mine is not None and r is not mine:
+            r["ours_speedup"] = r["ms_p50"] / mine["ms_p50"]  # this path's time / ours: > 1, ours is faster
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata and output
+
+
+def _cpu() -> dict:
     info = {"model_name": platform.processor() or platform.machine()}
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    info["model_name"] = value.strip()
-                elif key in ("cpu family", "model", "stepping") and key.replace(" ", "_") not in info:
-                    info[key.replace(" ", "_")] = value.strip()
-                elif key == "flags":
-                    flags = set(value.split())
-                    info["simd"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile") if f in flags]
-                    break
-    except OSError:
-        pass
-    try:
-        l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        info["l3"] = l3
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (s.strip() for s in line.partition(":"))
+            if key == "model name":
+                info["model_name"] = value
+            elif key == "flags":
+                info["flags"] = [f for f in value.split() if f.startswith(("sse4", "avx", "fma", "f16c", "amx"))]
+                break
+        info["l3"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
     except OSError:
         pass
     return info
 
 
 def _git() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return {"commit": commit or None, "dirty": bool(dirty)}
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
 
-def machine_info(devices: list[torch.device]) -> dict:
+def machine_info(device: torch.device) -> dict:
     """Machine, versions and settings, stored in every JSON row."""
     import pyfused
+    from pyfused import _cpp
 
-    try:
-        from pyfused import _cpp
-
-        isa = _cpp.isa()
-    except Exception as error:  # noqa: BLE001 - a broken build is reported, not fatal here
-        isa = f"unavailable ({error})"
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
     info = {
-        "host": socket.gethostname(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "pyfused": getattr(pyfused, "__version__", None),
-        "pyfused_isa": isa,
-        "git": _git(),
+        "host": socket.gethostname(), "cpu": _cpu(), "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "platform": platform.platform(), "torch": torch.__version__, "pyfused": pyfused.__version__,
+        "pyfused_isa": _cpp.isa(), "git": _git(),
         "env": {k: os.environ[k] for k in ("PYFUSED_BACKEND", "PYFUSED_CPU_ISA", "OMP_NUM_THREADS") if k in os.environ},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if any(d.type == "cuda" for d in devices):
-        props = torch.cuda.get_device_properties(0)
-        info["cuda"] = {
-            "device": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "sms": props.multi_processor_count,
-            "torch_cuda": torch.version.cuda,
-        }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["cuda"] = {"device": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                        "memory_gib": round(p.total_memory / 2**30, 1), "torch_cuda": torch.version.cuda}
         try:
             import triton
 
@@ -395,14 +404,12 @@ def machine_info(devices: list[torch.device]) -> dict:
 
 
 def describe_machine(info: dict) -> str:
-    cpu = info["cpu"]
-    lines = [
-        f"machine: {cpu.get('model_name')} (family {cpu.get('cpu_family')} model {cpu.get('model')}, "
-        f"L3 {cpu.get('l3', '?')}), {info['cpu_count']} CPUs ({info['cpu_affinity']} usable), "
-        f"torch threads {info['torch_threads']}",
-        f"versions: torch {info['torch']}, pyfused {info['pyfused']} (ISA {info['pyfused_isa']}), "
-        f"python {info['python']}, git {(info['git']['commit'] or '?')[:10]}{' (dirty)' if info['git']['dirty'] else ''}",
-    ]
+    cpu, git = info["cpu"], info["git"]
+    lines = [f"machine: {cpu.get('model_name')} (L3 {cpu.get('l3', '?')}, {' '.join(cpu.get('flags', []))}), "
+             f"{info['cpu_count']} CPUs ({info['cpu_affinity']} usable), torch threads {info['torch_threads']}",
+             f"versions: torch {info['torch']}, pyfused {info['pyfused']} (ISA {info['pyfused_isa']}), python "
+             f"{info['python']}, git {(git['commit'] or '?')[:10]}{' (dirty)' if git['dirty'] else ''}; "
+             f"started {info['started']}"]
     if info["env"]:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
     if "cuda" in info:
@@ -412,142 +419,13 @@ def describe_machine(info: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Output
+def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
+    """JSON lines: one object per measurement, probe and target, each with the machine."""
+    def clean(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
 
-
-class ResultsFile:
-    """bench/results/<name>-<timestamp>.jsonl: one JSON object per line, each with the metadata."""
-
-    def __init__(self, name: str, meta: dict, directory: Path = RESULTS_DIR):
-        self.started = datetime.datetime.now(datetime.timezone.utc)
-        stamp = self.started.strftime("%Y%m%d-%H%M%S")
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{name}-{stamp}.jsonl"
-        self.stem = self.path.with_suffix("")
-        self.name = name
-        self.meta = meta
-        self.rows: list[dict] = []
-
-    def append(self, row: dict) -> None:
-        row = {
-            "bench": self.name,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "run_started": self.started.isoformat(timespec="seconds"),
-            **row,
-            "machine": self.meta,
-        }
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def table(headers: list[str], rows: list[list], align: str | None = None, sep: str = "  ",
-          groups: list[tuple[str, int]] | None = None) -> str:
-    """A fixed-width text table.
-
-    align: one 'l' or 'r' per column (default: 'r' for columns holding numbers). groups: optional
-    (title, number of columns) pairs, left to right, printed as a line of titles above the headers.
-    """
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    if align is None:
-        align = "".join("r" if any(isinstance(row[i], (int, float)) for row in rows) else "l" for i in range(len(headers)))
-
-    def fmt(values):
-        return sep.join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-
-    out = []
-    if groups:  # widen a group's first column where its title needs the room
-        start = 0
-        for title, span in groups:
-            width = sum(widths[start:start + span]) + len(sep) * (span - 1)
-            if title and width < len(title) + 2:
-                widths[start] += len(title) + 2 - width
-            start += span
-        titles, start = [], 0
-        for title, span in groups:
-            width = sum(widths[start:start + span]) + len(sep) * (span - 1)
-            titles.append(title.center(width, "-") if title else " " * width)
-            start += span
-        out.append(sep.join(titles).rstrip())
-    out += [fmt(headers), fmt(["-" * w for w in widths])]
-    out += [fmt(r) for r in cells]
-    return "\n".join(out)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "-"
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        if abs(value) >= 10:
-            return f"{value:.1f}"
-        return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3f}"
-    return str(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# What every benchmark script shares on its command line
-
-NOISY_LOAD = 0.10  # other processes' CPU share above which a target's verdict is flagged unreliable
-
-
-def add_run_options(p, unit: str, cell_seconds: float, retry_until: float) -> None:
-    """The timing, device and output options of every benchmark; `unit` names what one timed
-    call is (a step, a call)."""
-    p.add_argument("--quick", action="store_true", help=f"a smoke run: 2 rounds of 2 timed {unit}s per case")
-    p.add_argument("--device", default="all", choices=("cpu", "cuda", "all"),
-                   help="cpu, cuda, or all: cpu plus cuda when a CUDA device is present (default)")
-    p.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 10; --quick 2)")
-    p.add_argument("--block", type=int, default=None, help=f"timed {unit}s per case per round (default 5; --quick 2)")
-    p.add_argument("--cell-seconds", type=float, default=cell_seconds,
-                   help="stop a cell's rounds after this long once every case has 20 samples, and after "
-                        f"twice this long in any case (default {cell_seconds:g}; bounds the run on a loaded machine)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a cell again, up to this many times, while other processes took more than "
-                        f"{100 * NOISY_LOAD:.0f}%% of the CPUs during it (default 1)")
-    p.add_argument("--retry-until", type=float, default=retry_until,
-                   help=f"no retry that would take the run past this many seconds (default {retry_until:g})")
-    p.add_argument("--probe-mib", type=int, default=256, help="size of each bandwidth-probe buffer (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
-
-
-def finish_run_options(args) -> None:
-    args.rounds = args.rounds or (2 if args.quick else 10)
-    args.block = args.block or (2 if args.quick else 5)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
-def choices(parser, flag: str, text: str, allowed) -> list:
-    """A comma-separated option's values, in `allowed`'s order; an unknown one is an error."""
-    chosen = [x.strip().lower() for x in text.split(",") if x.strip()]
-    bad = [x for x in chosen if x not in allowed]
-    if bad or not chosen:
-        parser.error(f"{flag}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
-    return [k for k in allowed if k in chosen]
-
-
-def selected_devices(args) -> list:
-    """The devices --device asks for that are present (saying why CUDA is skipped)."""
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if args.device in ("cuda", "all"):
-        if torch.cuda.is_available():
-            devices.append(torch.device("cuda"))
-        else:
-            print("GPU section skipped: no CUDA device is present "
-                  f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
-    return devices
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(path, "w") as f:
+        for row in rows:
+            row = {k: clean(v) for k, v in row.items()}
+            f.write(json.dumps({**row, "time": now, "machine": meta}, default=str) + "\n")
