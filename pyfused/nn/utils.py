@@ -182,7 +182,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
                 total = math.sqrt(powered) if kind == _cpp.NORM_SUM_SQUARES else powered
                 if result_dtype in (torch.float32, torch.float64):  # one rounding either way
                     total = torch.tensor(total, dtype=result_dtype)
-                else:  # a double -> 16-bit conversion goes through float: round once, from double
+                else:  # 16-bit: the general path's own conversion (from a float64 tensor)
                     total = torch.tensor(total, dtype=torch.float64).to(result_dtype)
                 return _checked_finite(total, norm_type, error_if_nonfinite)
     meshes = [key[0] for key in reductions if key is not None]
