@@ -177,8 +177,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         if len(devices) == 1 and len(dtypes) == 1:
             device, dtype = devices.pop(), dtypes.pop()
             if dtype in _DTYPE_CODES and _backend.backend_for(device) == "cpp":
-                with torch.no_grad():
-                    powered = _group_powered_sum(tensors, kind, norm_type, device, dtype)
+                powered = _group_powered_sum(tensors, kind, norm_type, device, dtype)  # no autograd: a float
                 total = math.sqrt(powered) if kind == _cpp.NORM_SUM_SQUARES else powered
                 if result_dtype in (torch.float32, torch.float64):  # one rounding either way
                     total = torch.tensor(total, dtype=result_dtype)
