@@ -450,3 +450,22 @@ def test_fused_clip_leaves_grads_unclipped_under_the_torch_backend():
         opt.step()
     assert torch.allclose(p.detach(), torch.full((4,), 0.975))  # the step itself is clipped
     assert torch.equal(p.grad, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("n", (15, 16, 513, 16384 + 600, 65536 + 7))
+def test_16bit_norm_sums_as_its_float_copy(dtype, n):
+    """16-bit grads are widened a block at a time before the lanes (csrc/norm.h); the powered sum
+    must equal the fp32 copy's bit for bit (same values, lanes and order), whatever the block edges."""
+    from pyfused import _cpp
+    import array
+
+    x = make([(n,)], dtype, seed=n)[0]
+    wide = x.float()
+
+    def powered(t, kind):
+        return _cpp.norm_powered_sum(_cpp.DTYPE_CODES[t.dtype], array.array("q", [t.numel()]),
+                                     array.array("q", [t.data_ptr()]), kind, 3.0)
+
+    for kind in range(5):
+        assert powered(x, kind) == powered(wide, kind), kind

@@ -5,6 +5,12 @@ on CUDA, summed in a fixed order (the result depends on neither the thread count
 With `group=`, ranks all-reduce the p-th powers of their shards' norms and take the root once,
 so sharded grads (ZeRO, FSDP) clip by the true global norm.
 
+DTensor grads (FSDP2, tensor parallelism) need no group: each rank sums the powers of its local
+shards, then the sums are all-reduced once per mesh dimension the grads are sharded over, and
+never over a Replicate dimension (under HSDP, the replicas hold equal copies: summing them would
+count each element once per replica). An empty local shard adds the identity (0, or inf for
+p = -inf). The result is a Replicate DTensor on the grads' mesh, as torch returns.
+
 Fused clipping: clip_grad_norm_(..., optimizer=opt) computes the norm but does not scale the
 grads; opt's next step() multiplies the clip coefficient in inside its kernels. The grads are
 then read twice per step (norm, update) instead of three times (norm, scale, update), and the
@@ -21,7 +27,7 @@ import warnings
 import torch
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _is_dense
+from pyfused.optim._fused import _check_addressable, _dtensor_type, _is_dense
 
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _dtype_of = operator.attrgetter("dtype")
@@ -63,7 +69,8 @@ def _root(kind, powered, p):
 
 
 def _group_powered_sum(tensors, kind, p, device, dtype):
-    """The powered sum of one (device, dtype) group, as a float64 0-d tensor on its device."""
+    """The powered sum of one (device, dtype) group: a float from the C++ kernels, else a float64
+    0-d tensor on its device (for p = 0: each tensor's count of nonzero elements, a vector)."""
     backend = _backend.backend_for(device)
     if kind == _COUNT or dtype not in _DTYPE_CODES or backend == "torch":
         # What has no kernel keeps torch's own per-tensor norms (p = 0, complex, other devices).
@@ -71,61 +78,138 @@ def _group_powered_sum(tensors, kind, p, device, dtype):
             torch.linalg.vector_norm(t, p) for t in tensors]
         norms = torch.stack(norms).double()
         if kind == _COUNT:
-            return (norms != 0).sum().double()
+            return norms
         return _merge(kind, list(norms.abs() ** p if kind in (_cpp.NORM_SUM_ABS, _cpp.NORM_SUM_SQUARES, _cpp.NORM_SUM_POW) else norms))
+    if set(map(type, tensors)) - {torch.Tensor, torch.nn.Parameter}:  # subclasses: may have no memory
+        for t in tensors:
+            _check_addressable(t, "get_total_norm", "a tensor")
     # Any dense layout will do: the norm does not care about element order.
     dense = [t if t.is_contiguous() or _is_dense(t) else t.contiguous() for t in tensors]
     numels = array.array("q", map(torch.Tensor.numel, dense))
     addresses = array.array("q", map(torch.Tensor.data_ptr, dense))
+    if 0 in addresses and any(n and not a for n, a in zip(numels, addresses)):
+        for t in dense:
+            _check_addressable(t, "get_total_norm", "a tensor")  # names freed storage
     if backend == "cpp":
-        value = _cpp.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p)
-        return torch.tensor(value, dtype=torch.float64)
+        return _cpp.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p)  # a float
     from pyfused import _triton
 
     return _triton.norm_powered_sum(_DTYPE_CODES[dtype], numels, addresses, kind, p, device)
+
+
+def _local_powered_sum(tensors, kind, p, device):
+    """The powered sum of tensors on this rank, merged over their (device, dtype) groups, on
+    `device` (p = 0: the per-tensor counts, concatenated in group order). Empty: the identity."""
+    devices, dtypes = set(map(_device_of, tensors)), set(map(_dtype_of, tensors))
+    if len(devices) == 1 and len(dtypes) == 1:  # the usual case: no per-tensor grouping
+        by_kind = {(devices.pop(), dtypes.pop()): tensors}
+    else:
+        by_kind = {}
+        for t, key in zip(tensors, zip(map(_device_of, tensors), map(_dtype_of, tensors))):
+            by_kind.setdefault(key, []).append(t)
+    parts = [torch.as_tensor(_group_powered_sum(ts, kind, p, d, dtype), dtype=torch.float64).to(device)
+             for (d, dtype), ts in by_kind.items() if ts]
+    if kind == _COUNT:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    if not parts:
+        return torch.tensor(math.inf if kind == _cpp.NORM_MIN_ABS else 0.0, dtype=torch.float64, device=device)
+    return _merge(kind, parts)
+
+
+def _sharded_dims(t):
+    """The mesh dimensions a DTensor is sharded over: its norm is all-reduced over these only."""
+    dims = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            dims.append(dim)
+        elif not placement.is_replicate():  # Partial: the values are not the grads yet
+            raise RuntimeError(
+                f"get_total_norm: a DTensor with placements {tuple(t.placements)}; a Partial tensor "
+                "holds unreduced values whose norm is not the tensor's: redistribute it first"
+            )
+    return tuple(dims)
+
+
+def _by_reduction(tensors):
+    """{None: plain tensors, (mesh, sharded dims): those DTensors' local shards}, in first-seen order."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
+        return {None: tensors}
+    groups = {}
+    for t in tensors:
+        key = None
+        if isinstance(t, dtensor):
+            key = (t.device_mesh, _sharded_dims(t))
+            t = t._local_tensor
+        groups.setdefault(key, []).append(t)
+    return groups
 
 
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, group=None):
     """torch.nn.utils.get_total_norm, in one pass per (device, dtype) group.
 
     ``foreach`` is accepted for compatibility and has no effect. ``group``: a process group whose
-    ranks each hold a shard; the result is the norm over all shards. (For norm_type 0, torch's
-    count of nonzero tensors, a tensor split across ranks counts once per rank holding a nonzero
-    piece of it.)
+    ranks each hold a shard of the plain tensors; the result is the norm over all shards. (For
+    norm_type 0, torch's count of nonzero tensors, a plain tensor split across ranks counts once
+    per rank holding a nonzero piece of it; a DTensor counts once.) DTensors are reduced over
+    their own meshes (see the module docstring) and make the result a Replicate DTensor when they
+    share one mesh.
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     norm_type = float(norm_type)
     if len(tensors) == 0 and group is None:
         return torch.tensor(0.0)
     kind = _kind(norm_type)
-    first_device = tensors[0].device if tensors else torch.device("cpu")
     dtypes = {_real(d) for d in set(map(_dtype_of, tensors))}
     result_dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
-    if group is not None:
-        tensors = [t for t in tensors if t.numel()]  # an empty shard is normal under ZeRO/FSDP
-    elif kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and not all(map(torch.Tensor.numel, tensors)):
-        # torch's messages: max and min have no identity to give an empty tensor
+    if group is None and kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and not all(map(torch.Tensor.numel, tensors)):
+        # torch's messages: max and min have no identity to give an empty tensor (a DTensor's
+        # numel is its global one: an empty local shard of a nonempty DTensor is fine)
         which = "_foreach_norm cannot compute the infinity" if kind == _cpp.NORM_MAX_ABS else "linalg.vector_norm cannot compute the -inf"
         raise RuntimeError(f"{which} norm on an empty tensor because the operation does not have an identity")
-    devices, dtypes = set(map(_device_of, tensors)), set(map(_dtype_of, tensors))
-    if len(devices) == 1 and len(dtypes) == 1:  # the usual case: no per-tensor grouping
-        by_kind = {(devices.pop(), dtypes.pop()): tensors} if tensors else {}
-    else:
-        by_kind = {}
-        for t, key in zip(tensors, zip(map(_device_of, tensors), map(_dtype_of, tensors))):
-            by_kind.setdefault(key, []).append(t)
+    reductions = _by_reduction(tensors)
+    first_device = next(iter(reductions.values()))[0].device if tensors else torch.device("cpu")
+    if group is None and len(reductions) == 1 and None in reductions and kind in (
+            _cpp.NORM_SUM_SQUARES, _cpp.NORM_SUM_ABS, _cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS):
+        # The usual case, kept free of tensor ops (they cost more than the kernel on small grads):
+        # one (device, dtype) group on the C++ backend; sqrt is correctly rounded in both.
+        devices, dtypes = set(map(_device_of, tensors)), set(map(_dtype_of, tensors))
+        if len(devices) == 1 and len(dtypes) == 1:
+            device, dtype = devices.pop(), dtypes.pop()
+            if dtype in _DTYPE_CODES and _backend.backend_for(device) == "cpp":
+                powered = _group_powered_sum(tensors, kind, norm_type, device, dtype)  # no autograd: a float
+                total = math.sqrt(powered) if kind == _cpp.NORM_SUM_SQUARES else powered
+                if result_dtype in (torch.float32, torch.float64):  # one rounding either way
+                    total = torch.tensor(total, dtype=result_dtype)
+                else:  # 16-bit: the general path's own conversion (from a float64 tensor)
+                    total = torch.tensor(total, dtype=torch.float64).to(result_dtype)
+                return _checked_finite(total, norm_type, error_if_nonfinite)
+    meshes = [key[0] for key in reductions if key is not None]
     with torch.no_grad():
-        parts = [
-            _group_powered_sum(ts, kind, norm_type, device, dtype).to(first_device)
-            for (device, dtype), ts in by_kind.items()
-        ]
-        if group is not None:
-            identity = math.inf if kind == _cpp.NORM_MIN_ABS else 0.0
-            powered = _merge(kind, parts) if parts else torch.tensor(identity, dtype=torch.float64, device=first_device)
-            _all_reduce(powered, kind, group)
-        else:
-            powered = _merge(kind, parts)
-        total = _root(kind, powered, norm_type).to(result_dtype)
+        parts = []
+        for key, ts in reductions.items():
+            if key is None and group is not None:
+                ts = [t for t in ts if t.numel()]  # an empty shard is normal under ZeRO/FSDP
+            powered = _local_powered_sum(ts, kind, norm_type, first_device)
+            if key is None and group is not None:
+                if kind == _COUNT:  # per rank, as documented
+                    powered = (powered != 0).sum().double()
+                _all_reduce(powered, kind, group)
+            elif key is not None:
+                mesh, dims = key
+                for dim in dims:  # never a Replicate dimension
+                    _all_reduce(powered, kind, mesh.get_group(dim))
+            parts.append((powered != 0).sum().double() if kind == _COUNT and powered.dim() else powered)
+        total = _root(kind, _merge(kind, parts), norm_type).to(result_dtype)
+    _checked_finite(total, norm_type, error_if_nonfinite)
+    if meshes and all(m == meshes[0] for m in meshes):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        total = DTensor.from_local(total, meshes[0], [Replicate()] * meshes[0].ndim, run_check=False)
+    return total
+
+
+def _checked_finite(total, norm_type, error_if_nonfinite):
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from "
@@ -165,6 +249,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, opt
             "clip_grads_with_norm_(optimizer=...) scales every grad the optimizer steps, so "
             "`parameters` must be exactly the optimizer's params that have grads"
         )
+    if isinstance(total_norm, _dtensor_type() or ()):
+        total_norm = total_norm.full_tensor()  # the kernels take a plain 0-d multiplier
     coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
     optimizer.defer_grad_multiplier(coefficient)
 

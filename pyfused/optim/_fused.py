@@ -14,12 +14,21 @@ addresses into the table. The plan is rebuilt when a param gains or loses its gr
 storage moves, or a state tensor is replaced (load_state_dict, a state reset, a group option
 that adds or removes one). New state enters optimizer.state only once a step has run, so a step
 refused for bad input, or skipped by GradScaler, changes nothing.
+
+DTensor params (FSDP2's fully_shard, tensor parallelism): the kernels see each DTensor's local
+shard (its pointer, numel, shape and strides), never the DTensor itself, whose data_ptr() is not
+an address. State stays in optimizer.state as DTensors with the param's mesh and placements, as
+torch's optimizers leave it, so torch.distributed.checkpoint and get_/set_optimizer_state_dict
+work unchanged. An empty local shard (uneven sharding) is kept: its step counter still advances.
+Any other tensor whose memory pyfused cannot address (a wrapper subclass, a meta tensor, freed
+storage) is refused before anything changes.
 """
 
 import array
 import functools
 import operator
 import os
+import sys
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -48,6 +57,68 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _dtensor_type():
+    """torch's DTensor class, or None while torch.distributed.tensor is not imported (then no
+    DTensor exists: importing it here would cost every user its import time)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _is_dtensor(t) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _local(t):
+    """What a kernel may see of t: a DTensor's local shard (to_local() without autograd), else t."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _unaddressable(t):
+    """Why a kernel cannot be handed t's memory, or None if it can (t is not a DTensor)."""
+    if t.device.type == "meta":
+        return "is a meta tensor (it has no data)"
+    try:
+        storage = t.untyped_storage()
+        base = storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return f"is a {type(t).__name__}, a tensor subclass without memory of its own"
+    if t.numel() == 0:
+        return None  # nothing to read or write
+    if base == 0:
+        return "has no memory (its storage was freed or never allocated)"
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    if start < base or start + extent * t.element_size() > base + storage.nbytes():
+        return "lies outside its storage"
+    return None
+
+
+def _check_addressable(t, where, what):
+    reason = _unaddressable(t)
+    if reason is not None:
+        raise RuntimeError(f"{where}: {what} {reason}; pyfused's kernels need a tensor's memory")
+
+
+def _dtensor_layout(t):
+    return (t.device_mesh, tuple(t.placements))
+
+
+def _check_same_sharding(p, t, where, what):
+    """t (a grad or state of the DTensor or plain param p) must be sharded exactly as p is."""
+    p_is, t_is = _is_dtensor(p), _is_dtensor(t)
+    if p_is != t_is:
+        raise RuntimeError(
+            f"{where}: {what} is {'a DTensor' if t_is else 'not a DTensor'} and the param "
+            f"{'is' if p_is else 'is not'}; pyfused needs both sharded alike"
+        )
+    if p_is and _dtensor_layout(t) != _dtensor_layout(p):
+        raise RuntimeError(
+            f"{where}: {what} is a DTensor on {t.device_mesh} with placements {tuple(t.placements)}, "
+            f"the param on {p.device_mesh} with {tuple(p.placements)}; pyfused updates local shards "
+            "and needs them to match"
+        )
+
+
 def _addresses_overlap(regions) -> bool:
     """Whether any two of the (start, end) byte ranges overlap."""
     regions = sorted(r for r in regions if r[0] != r[1])
@@ -58,7 +129,8 @@ class _Bucket:
     """The tensors of one param group that share a device and dtype: one kernel call per step."""
 
     def __init__(self, optimizer, where, device, dtype, positions, params, states, keys, capturable=False):
-        # states: each param's state as the step will leave it (existing and new tensors)
+        # params: the group's params (DTensors or plain); states: each param's state as the step
+        # will leave it (existing and new tensors). The tables hold local shards only.
         self.device = device
         self.dtype = dtype
         self.capturable = capturable  # step counters on the device; see pyfused/_triton.py
@@ -66,10 +138,19 @@ class _Bucket:
         self.positions = positions
         self.n = len(positions)
         self.where = where  # a function naming a param for error messages
-        self.shapes = [p.shape for p in params]
-        self.strides = [p.stride() for p in params]
+        self.params = params
+        shards = list(map(_local, params))
+        self.shapes = [p.shape for p in shards]
+        self.strides = [p.stride() for p in shards]
         self.dtypes = [dtype] * self.n
         self.devices = [device] * self.n
+        dtensor = _dtensor_type()
+        is_dtensor = [_is_dtensor(p) for p in params]
+        # What each step's grads must be, checked with C-level loops: their types and, for DTensor
+        # params, their meshes and placements.
+        self.grad_types = [dtensor if d else torch.Tensor for d in is_dtensor]
+        self.layouts = [_dtensor_layout(p) for p in params] if any(is_dtensor) else None
+        self.is_dtensor = is_dtensor
         # Picks this bucket's grads out of the group's grad list.
         if len(positions) == 1:
             self.select = lambda grads, i=positions[0]: [grads[i]]
@@ -77,14 +158,14 @@ class _Bucket:
             self.select = operator.itemgetter(*positions) if positions else (lambda grads: [])
         # A complex tensor is updated as its real view, as torch does.
         scale = 2 if dtype.is_complex else 1
-        self.numels = array.array("q", [p.numel() * scale for p in params])
-        rows = [list(map(_data_ptr, params)), [0] * self.n]
+        self.numels = array.array("q", [p.numel() * scale for p in shards])
+        rows = [list(map(_data_ptr, shards)), [0] * self.n]
         for key in keys:
-            rows.append([s[key].data_ptr() for s in states])
+            rows.append([_local(s[key]).data_ptr() for s in states])
         self.addresses = array.array("q", [a for row in rows for a in row])
-        element = params[0].element_size() if params else 0
+        element = shards[0].element_size() if shards else 0
         written = [row for i, row in enumerate(rows) if i != 1]
-        regions = [(a, a + e * element) for row in written for a, e in zip(row, [p.numel() for p in params])]
+        regions = [(a, a + e * element) for row in written for a, e in zip(row, [p.numel() for p in shards])]
         if _addresses_overlap(regions):
             raise RuntimeError(
                 f"{where(positions[0])}: params or state tensors of this param group share memory; "
@@ -103,39 +184,44 @@ class _Bucket:
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive."""
         grads = self.select(grads)
         # Metadata is read with map() (C loops); the per-tensor Python loop runs only on a mismatch.
+        # A grad of another type (a DTensor where a plain tensor belongs, a wrapper subclass) has
+        # no address to hand out: the slow path names it.
+        if list(map(type, grads)) != self.grad_types or (
+                self.layouts is not None and list(map(_dtensor_layout, grads)) != self.layouts):
+            return self._conform(grads)
+        selected = grads
+        if self.layouts is not None:
+            grads = [g._local_tensor if d else g for g, d in zip(grads, self.is_dtensor)]
         try:
             strides = list(map(_stride_of, grads))
         except RuntimeError:  # sparse tensors have no strides
             strides = None
-        copies = []
         if (
             strides != self.strides
             or list(map(_dtype_of, grads)) != self.dtypes
             or list(map(_shape_of, grads)) != self.shapes
             or list(map(_device_of, grads)) != self.devices
         ):
-            grads, copies = self._conform(grads)
-        self.addresses[self.n : 2 * self.n] = array.array("q", map(_data_ptr, grads))
-        return copies
+            return self._conform(selected)
+        addresses = array.array("q", map(_data_ptr, grads))
+        if 0 in addresses:  # freed storage: only an empty grad may have no address
+            return self._conform(selected)
+        self.addresses[self.n : 2 * self.n] = addresses
+        return []
 
     def _conform(self, grads):
         """The slow path: names a bad grad, or copies a grad laid out unlike its param."""
-        conformed, copies = [], []
-        for position, g, shape, stride in zip(self.positions, grads, self.shapes, self.strides):
-            if g.layout is not torch.strided:
-                raise RuntimeError(f"{self.where(position)}: sparse gradients are not supported")
-            if g.dtype != self.dtype or g.shape != shape or g.device != self.device:
-                raise RuntimeError(
-                    f"{self.where(position)}: its grad ({tuple(g.shape)}, {g.dtype}, {g.device}) "
-                    f"does not match the param ({tuple(shape)}, {self.dtype}, {self.device})"
-                )
+        shards, copies = [], []
+        for position, p, g, shape, stride in zip(self.positions, self.params, grads, self.shapes, self.strides):
+            _check_grad(p, g, self.where(position))
+            g = _local(g)
             if g.stride() != stride:
                 # Grads are only read, so a copy in the param's layout gives the right result.
                 g = torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
                 copies.append(g)
-            conformed.append(g)
-        return conformed, copies
-
+            shards.append(g)
+        self.addresses[self.n : 2 * self.n] = array.array("q", map(_data_ptr, shards))
+        return copies
 
 class _GroupPlan:
     """A param group's buckets, and what must stay unchanged for them to stay valid."""
@@ -149,7 +235,8 @@ class _GroupPlan:
         self.group = group
         self.state_container = optimizer.state
         self.has_grad = [g is not None for g in grads]
-        self.param_addresses = list(map(_data_ptr, params))
+        self.has_dtensors = any(map(_is_dtensor, params))
+        self.param_addresses = self._addresses(params)
         positions = [i for i, g in enumerate(grads) if g is not None]
         self.active = [params[i] for i in positions]
         self.uses_torch = any(_backend.backend_for(p.device) == "torch" for p in self.active)
@@ -194,10 +281,21 @@ class _GroupPlan:
         for key in self.keys + (("step",) if optimizer._counts_steps else ()):
             self.tensor_ids[key] = [id(v[key]) for v in views]
 
+    def _addresses(self, params):
+        """The params' addresses: their local shards' for DTensors (a DTensor's own data_ptr()
+        does not move with its shard)."""
+        if self.has_dtensors:
+            return [_local(p).data_ptr() for p in params]
+        return list(map(_data_ptr, params))
+
     def still_valid(self, optimizer, group, params, grads) -> bool:
         if self.pending or optimizer.state is not self.state_container:
             return False
-        if [g is not None for g in grads] != self.has_grad or list(map(_data_ptr, params)) != self.param_addresses:
+        if [g is not None for g in grads] != self.has_grad:
+            return False
+        # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
+        # is near 0, a shard's a heap address): no per-param type check is needed here.
+        if self._addresses(params) != self.param_addresses:
             return False
         if self.keys != optimizer._state_keys(group):
             return False
@@ -223,35 +321,44 @@ def _check_param(p, where):
             f"{where} is {p.dtype}; pyfused supports float32, float64, float16 and bfloat16 params "
             "(and complex64, complex128 as their real view)"
         )
-    if not _is_dense(p):
+    shard = _local(p)
+    _check_addressable(shard, where, "its local shard" if shard is not p else "it")
+    if not _is_dense(shard):
+        what = f"{where}'s local shard" if shard is not p else where
         raise RuntimeError(
-            f"{where} is not contiguous (shape {tuple(p.shape)}, strides {p.stride()}); pyfused "
-            "updates params in place and needs them dense"
+            f"{what} is not contiguous (shape {tuple(shard.shape)}, strides {shard.stride()}); "
+            "pyfused updates params in place and needs them dense"
         )
 
 
 def _check_grad(p, g, where):
     if g.layout is not torch.strided:
         raise RuntimeError(f"{where}: sparse gradients are not supported")
-    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+    _check_same_sharding(p, g, where, "its grad")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device or _local(g).shape != _local(p).shape:
         raise RuntimeError(
             f"{where}: its grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param "
             f"({tuple(p.shape)}, {p.dtype}, {p.device})"
         )
+    _check_addressable(_local(g), where, "its grad's local shard" if _is_dtensor(g) else "its grad")
 
 
 def _conformed_state(p, state, keys, where):
     """State tensors laid out unlike their param (a checkpoint from another layout), copied into
-    the param's layout; a state of another shape, dtype or device is refused."""
+    the param's layout; a state of another shape, dtype, device or sharding is refused."""
     conformed = {}
     for key in keys:
         t = state[key]
-        if t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+        if not isinstance(t, torch.Tensor):
+            raise RuntimeError(f"{where}: its state {key!r} is a {type(t).__name__}, not a tensor")
+        _check_same_sharding(p, t, where, f"its state {key!r}")
+        if t.dtype != p.dtype or t.shape != p.shape or t.device != p.device or _local(t).shape != _local(p).shape:
             raise RuntimeError(
                 f"{where}: its state {key!r} ({tuple(t.shape)}, {t.dtype}, {t.device}) does not "
                 f"match the param ({tuple(p.shape)}, {p.dtype}, {p.device})"
             )
-        if t.stride() != p.stride():
+        _check_addressable(_local(t), where, f"its state {key!r}")
+        if _local(t).stride() != _local(p).stride():
             conformed[key] = torch.empty_like(p).copy_(t)  # empty_like keeps a dense param's strides
     return conformed
 
@@ -266,8 +373,11 @@ def _conform_steps(params, views, pending, on_device=False):
         return p.device if on_device else torch.device("cpu")
 
     steps = [v["step"] for v in views]
-    placed = all(isinstance(s, torch.Tensor) and s.device == home(p) and s.numel() == 1
-                 for s, p in zip(steps, params))
+    def usable(s, p):  # a plain tensor holding one count, where the kernels count
+        return (isinstance(s, torch.Tensor) and not _is_dtensor(s) and s.device == home(p) and s.numel() == 1
+                and _unaddressable(s) is None)
+
+    placed = all(usable(s, p) for s, p in zip(steps, params))
     dtypes = {s.dtype for s in steps} if placed else set()
     if placed and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         return
@@ -275,9 +385,9 @@ def _conform_steps(params, views, pending, on_device=False):
     new_by_param = {id(p): new for p, new in pending}
     for p, view in zip(params, views):
         step = view["step"]
-        if isinstance(step, torch.Tensor) and step.device == home(p) and step.dtype == want and step.numel() == 1:
+        if usable(step, p) and step.dtype == want:
             continue
-        view["step"] = torch.tensor(float(step), dtype=want, device=home(p))
+        view["step"] = torch.tensor(float(_local(step)), dtype=want, device=home(p))
         if id(p) in new_by_param:
             new_by_param[id(p)]["step"] = view["step"]
         else:
@@ -373,23 +483,36 @@ class FusedOptimizer:
         if any(plan.uses_torch for _, plan, _ in work):
             self._torch_step(factor, found_inf)
             return loss
+        hypers = [self._scalars(group, index) for index, group in enumerate(self.param_groups)]
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
         # verdict on the device; the others need it on the host.
         if found_inf is not None and not all(g.get("capturable") for g in self.param_groups):
             if float(found_inf) != 0:
                 return loss
             found_inf = None
-        for group, plan, _grad_copies in work:
-            hyper = self._hyper(group)
-            lr = hyper[0]
-            if group.get("capturable"):  # lr is read on the device, never on the host
-                hyper = (0.0,) + tuple(map(float, hyper[1:]))
-            else:
-                hyper = tuple(map(float, hyper))
+        for (group, plan, _grad_copies), (hyper, lr) in zip(work, hypers):
             for bucket in plan.buckets:
                 _run(self._kernel, bucket, hyper, factor, lr, found_inf)
             plan.commit(self)
         return loss
+
+    def _scalars(self, group, index):
+        """The kernel's scalars, and lr as given (read on the device when capturable). A DTensor
+        lr must be Replicate: every rank then holds the whole value in its local tensor."""
+        hyper = list(self._hyper(group))
+        for k, value in enumerate(hyper):
+            if _is_dtensor(value):
+                if not all(placement.is_replicate() for placement in value.placements):
+                    raise RuntimeError(
+                        f"pyfused.optim.{type(self).__name__}: param group {index} has a DTensor "
+                        f"hyperparameter with placements {tuple(value.placements)}; only a Replicate "
+                        "one holds its value on every rank"
+                    )
+                hyper[k] = value._local_tensor
+        lr = hyper[0]
+        if group.get("capturable"):  # lr is read on the device, never on the host
+            return (0.0,) + tuple(map(float, hyper[1:])), lr
+        return tuple(map(float, hyper)), lr
 
     def _new_step(self, param, group):
         """torch's step counter: on the param's device when capturable, else on the host."""
@@ -399,7 +522,10 @@ class FusedOptimizer:
 
     def defer_grad_multiplier(self, multiplier: torch.Tensor) -> None:
         """Multiplies every grad by `multiplier` (a 0-d tensor) inside the next step's kernels,
-        without changing the grads. pyfused.nn.utils.clip_grad_norm_(optimizer=...) uses this."""
+        without changing the grads. pyfused.nn.utils.clip_grad_norm_(optimizer=...) uses this.
+        A DTensor multiplier (a norm of DTensor grads) is taken whole: full_tensor()."""
+        if _is_dtensor(multiplier):
+            multiplier = multiplier.full_tensor()
         previous = self.__dict__.get("_pyfused_grad_multiplier")
         self._pyfused_grad_multiplier = multiplier if previous is None else previous * multiplier
 
