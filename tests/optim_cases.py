@@ -240,12 +240,18 @@ _TENSOR_HYPER_FP64 = (
     "tensors when lr or betas is an fp32 tensor (1 - lr*wd, lr/bc1, beta**step), which moves fp64 "
     "params by ~1e-7 relative"
 )
+_SQRT_ULP_AT_A_CANCELLATION = (
+    "one element of 131,078 (measured: 4.6e-5 off at step 7): an element 1 ulp apart from torch's "
+    "(pyfused's correctly rounded sqrt, torch's 1 ulp off) meets grad + 0.1 * param ~ 0 at lr=1e-2, "
+    "where RMSprop's 1/(sqrt(square_avg) + eps) magnifies that ulp; fp32, with half the elements, passes"
+)
 # (case id, dtype name): ("xfail" | "skip", reason)
 KNOWN_ISSUES = {
     **{(cid, "fp64"): ("xfail", _TENSOR_HYPER_FP64) for cid in (
         "Adagrad-tensor_lr", "Adam-tensor_lr", "AdamW-tensor_lr", "Adam-tensor_betas", "AdamW-tensor_betas")},
     **{(cid, "complex128"): ("xfail", _TENSOR_HYPER_FP64) for cid in (
         "Adagrad-tensor_lr", "Adam-tensor_lr", "AdamW-tensor_lr", "Adam-tensor_betas", "AdamW-tensor_betas")},
+    ("RMSprop-maximize_weight_decay", "complex64"): ("xfail", _SQRT_ULP_AT_A_CANCELLATION),
 }
 
 
@@ -273,6 +279,10 @@ def parity_params(cases=None, dtypes=None):
 # 65,539 (64Ki + 3): large enough that grad + weight_decay * param cancels in some elements, and
 # not a multiple of any vector width, so every run has vector bodies and scalar tails.
 DEFAULT_SIZES = (0, 1, 7, 4097, 65_539)
+# 16-bit params: their fp32 reference re-runs every step from pyfused's values (start_from), which
+# at 65,539 elements costs the suite about a minute; they round the same fp32 opmath values that
+# the fp32 table checks at 65,539 elements, so 4097 is enough here.
+SIXTEEN_BIT_SIZES = (0, 1, 7, 4097)
 LARGE_SIZE = 1_000_003
 
 

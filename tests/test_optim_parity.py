@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.parametrize("case, dt", oc.parity_params())
 def test_matches_torch_forloop(case, dt):
-    check_parity(case, dt)
+    check_parity(case, dt, sizes=oc.SIXTEEN_BIT_SIZES if dt.dtype in oc.SIXTEEN_BIT else oc.DEFAULT_SIZES)
 
 
 LARGE_CASES = ["SGD-nesterov_wd_maximize", "Adagrad-all", "RMSprop-all", "Adam-amsgrad_wd_maximize", "AdamW-tensor_lr"]
