@@ -6,8 +6,9 @@ from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 # The instruction set is chosen at run time (csrc/isa_*.cpp), so nothing here targets the build
-# machine. -ffp-contract=off keeps every instruction-set build rounding identically;
-# -fno-math-errno lets sqrt vectorize.
+# machine. -ffp-contract=off: the compiler fuses nothing, so the only fused multiply-adds are the
+# explicit ones where torch's kernels fuse (mul_add in csrc/optimizers.h); -fno-math-errno lets
+# sqrt vectorize.
 extension = Pybind11Extension(
     "pyfused._C",
     sorted(glob("csrc/*.cpp")),

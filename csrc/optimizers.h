@@ -1,9 +1,17 @@
 // The optimizers' math: one update per optimizer, one element at a time, in opmath.
 //
 // Each update follows torch's for-loop implementation (torch/optim/*.py, foreach=False) op by op:
-// the same scalars, computed in double on the host and rounded once to opmath, and the same order
-// of operations inside each torch op (lerp, addcmul: self + value * t1 * t2, addcdiv:
-// self + value * t1 / t2). Each Hyper lists its fields in the order the Python class sends them.
+// the same scalars, computed in double on the host and rounded once to opmath, the same order of
+// operations inside each torch op, and the same roundings as torch's CPU kernels (measured on
+// torch 2.13, in their vector body and scalar tail alike):
+//   a.add(b, alpha=s)              fma(b, s, a)
+//   self.addcmul(t1, t2, value=s)  fma(s * t1, t2, self)
+//   self.lerp(end, w)              fma(w, end - self, self), or fma(w - 1, end - self, end) for w >= 0.5
+//   self.addcdiv(t1, t2, value=s)  self + s * t1 / t2, each op rounded (as are mul and add without alpha)
+// where the CPU has FMA (torch's avx2 and avx512 capabilities); without it (its default capability)
+// every op rounds. mul_add below is that one step. sqrt is correctly rounded here; torch's CPU sqrt
+// is not (about 0.6% of fp32 results 1 ulp off), the one place where the updates knowingly differ.
+// Each Hyper lists its fields in the order the Python class sends them.
 #pragma once
 
 #include <cmath>
@@ -14,10 +22,34 @@
 namespace pyfused {
 namespace PYFUSED_ISA {
 
-// torch.lerp's formula, which keeps the result exact at either end.
+// Whether this instruction-set build (csrc/isa_*.cpp, named by PYFUSED_ISA) targets FMA hardware.
+#define PYFUSED_FMA_baseline 0
+#define PYFUSED_FMA_avx2 1
+#define PYFUSED_FMA_avx512 1
+#define PYFUSED_CONCAT_(a, b) a##b
+#define PYFUSED_CONCAT(a, b) PYFUSED_CONCAT_(a, b)
+constexpr bool kFusedMultiplyAdd = PYFUSED_CONCAT(PYFUSED_FMA_, PYFUSED_ISA);
+
+// a * b + c where torch's CPU kernels fuse it: rounded once in the avx2 and avx512 builds (std::fma
+// compiles to vfmadd there, in the vector body and the scalar tail), and twice in the baseline
+// build, like torch's default capability: its CPUs may lack FMA, and a software fma in the loop
+// would be many times slower. -ffp-contract=off keeps the compiler from fusing anything else.
 template <class Op>
-inline Op lerp(Op self, Op end, Op weight, bool small_weight) {
-  return small_weight ? self + weight * (end - self) : end - (end - self) * (Op(1) - weight);
+inline Op mul_add(Op a, Op b, Op c) {
+  if constexpr (kFusedMultiplyAdd) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// torch.lerp's formulas, which keep the result exact at either end. Written like torch's vectorized
+// lerp, one mul_add of operands selected by comparing the weight: a branch, or a select on a bool,
+// keeps GCC from vectorizing the loop.
+template <class Op>
+inline Op lerp(Op self, Op end, Op weight) {
+  bool small = std::abs(weight) < Op(0.5);
+  return mul_add(small ? weight : weight - Op(1), end - self, small ? self : end);
 }
 
 // torch.maximum: NaN wins.
@@ -46,14 +78,15 @@ struct Sgd {
     void operator()(Op* v, const Scalars& s) const {
       Op& param = v[kParam];
       Op grad = v[kGrad] * grad_sign;
-      if constexpr (kL2) grad = grad + weight_decay * param;
+      if constexpr (kL2) grad = mul_add(param, weight_decay, grad);  // grad.add(param, alpha=weight_decay)
       if constexpr (kMomentum) {
         Op& buf = v[kMomentumBuffer];
-        // torch starts the buffer as a copy of the first gradient, without dampening.
-        buf = s.fresh != Op(0) ? grad : buf * momentum + grad_weight * grad;
-        grad = kNesterov ? grad + momentum * buf : buf;
+        // torch starts the buffer as a copy of the first gradient, without dampening;
+        // then buf.mul_(momentum).add_(grad, alpha=1 - dampening).
+        buf = s.fresh != Op(0) ? grad : mul_add(grad, grad_weight, buf * momentum);
+        grad = kNesterov ? mul_add(buf, momentum, grad) : buf;  // grad.add(buf, alpha=momentum)
       }
-      param = param + neg_lr * grad;
+      param = mul_add(grad, neg_lr, param);  // param.add_(grad, alpha=-lr)
     }
 
     Op neg_lr, momentum, grad_weight, weight_decay, grad_sign;
@@ -92,9 +125,9 @@ struct Adagrad {
     void operator()(Op* v, const Scalars& s) const {
       Op& param = v[kParam];
       Op grad = v[kGrad] * grad_sign;
-      if constexpr (kL2) grad = grad + weight_decay * param;
-      v[kSum] = v[kSum] + grad * grad;
-      param = param + s.neg_clr * grad / (std::sqrt(v[kSum]) + eps);
+      if constexpr (kL2) grad = mul_add(param, weight_decay, grad);  // grad.add(param, alpha=weight_decay)
+      v[kSum] = mul_add(grad, grad, v[kSum]);  // state_sum.addcmul_(grad, grad, value=1)
+      param = param + s.neg_clr * grad / (std::sqrt(v[kSum]) + eps);  // param.addcdiv_(grad, std, value=-clr)
     }
 
     Hyper h;
@@ -121,8 +154,7 @@ struct Rmsprop {
     static constexpr int kScalars = 0;
 
     explicit Update(const Hyper& h)
-        : neg_lr(Op(-h.lr)), alpha(Op(h.alpha)), one_minus_alpha(Op(1 - h.alpha)),
-          small_weight(std::abs(1 - h.alpha) < 0.5), eps(Op(h.eps)),
+        : neg_lr(Op(-h.lr)), alpha(Op(h.alpha)), one_minus_alpha(Op(1 - h.alpha)), eps(Op(h.eps)),
           weight_decay(Op(h.weight_decay)), momentum(Op(h.momentum)),
           grad_sign(h.maximize != 0 ? Op(-1) : Op(1)) {}
 
@@ -131,30 +163,30 @@ struct Rmsprop {
     void operator()(Op* v, const Scalars&) const {
       Op& param = v[kParam];
       Op grad = v[kGrad] * grad_sign;
-      if constexpr (kL2) grad = grad + weight_decay * param;
+      if constexpr (kL2) grad = mul_add(param, weight_decay, grad);  // grad.add(param, alpha=weight_decay)
       Op& square_avg = v[kSquareAvg];
-      square_avg = square_avg * alpha + one_minus_alpha * grad * grad;
+      // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+      square_avg = mul_add(one_minus_alpha * grad, grad, square_avg * alpha);
       Op avg;
       if constexpr (kCentered) {
         Op& grad_avg = v[kGradAvg];
-        grad_avg = lerp(grad_avg, grad, one_minus_alpha, small_weight);
-        avg = std::sqrt(square_avg + Op(-1) * grad_avg * grad_avg);
+        grad_avg = lerp(grad_avg, grad, one_minus_alpha);
+        // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        avg = std::sqrt(mul_add(-grad_avg, grad_avg, square_avg));
       } else {
         avg = std::sqrt(square_avg);
       }
       avg = avg + eps;
       if constexpr (kMomentum) {
         Op& buf = v[kMomentumBuffer];
-        buf = buf * momentum + grad / avg;
-        param = param + neg_lr * buf;
+        buf = buf * momentum + grad / avg;  // buf.mul_(momentum).addcdiv_(grad, avg)
+        param = mul_add(buf, neg_lr, param);  // param.add_(buf, alpha=-lr)
       } else {
-        param = param + neg_lr * grad / avg;
+        param = param + neg_lr * grad / avg;  // param.addcdiv_(grad, avg, value=-lr)
       }
     }
 
-    Op neg_lr, alpha, one_minus_alpha;
-    bool small_weight;
-    Op eps, weight_decay, momentum, grad_sign;
+    Op neg_lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign;
   };
 
   template <class T, class Run>
@@ -179,7 +211,7 @@ struct Adam {
     static constexpr int kScalars = 2;
 
     explicit Update(const Hyper& h)
-        : h(h), one_minus_beta1(Op(1 - h.beta1)), small_weight(std::abs(1 - h.beta1) < 0.5),
+        : h(h), one_minus_beta1(Op(1 - h.beta1)),
           beta2(Op(h.beta2)), one_minus_beta2(Op(1 - h.beta2)), eps(Op(h.eps)),
           weight_decay(Op(h.weight_decay)),
           param_decay(h.decoupled != 0 ? Op(1 - h.lr * h.weight_decay) : Op(1)),
@@ -194,25 +226,24 @@ struct Adam {
     void operator()(Op* v, const Scalars& s) const {
       Op& param = v[kParam];
       Op grad = v[kGrad] * grad_sign;
-      if constexpr (kL2) grad = grad + weight_decay * param;
-      param = param * param_decay;
+      if constexpr (kL2) grad = mul_add(param, weight_decay, grad);  // grad.add(param, alpha=weight_decay)
+      param = param * param_decay;  // param.mul_(1 - lr * weight_decay)
       Op& exp_avg = v[kExpAvg];
       Op& exp_avg_sq = v[kExpAvgSq];
-      exp_avg = lerp(exp_avg, grad, one_minus_beta1, small_weight);
-      exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad;
+      exp_avg = lerp(exp_avg, grad, one_minus_beta1);
+      // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+      exp_avg_sq = mul_add(one_minus_beta2 * grad, grad, exp_avg_sq * beta2);
       Op second_moment = exp_avg_sq;
       if constexpr (kAmsgrad) {
         v[kMaxExpAvgSq] = maximum(v[kMaxExpAvgSq], exp_avg_sq);
         second_moment = v[kMaxExpAvgSq];
       }
       Op denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + eps;
-      param = param + s.neg_step_size * exp_avg / denom;
+      param = param + s.neg_step_size * exp_avg / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
     }
 
     Hyper h;
-    Op one_minus_beta1;
-    bool small_weight;
-    Op beta2, one_minus_beta2, eps, weight_decay, param_decay, grad_sign;
+    Op one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, param_decay, grad_sign;
   };
 
   template <class T, class Run>

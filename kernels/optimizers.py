@@ -1,9 +1,12 @@
 """The optimizers' math for CUDA tensors: one @triton.jit update per optimizer.
 
-Each mirrors its twin in csrc/optimizers.h op for op, so the two backends agree bit for bit on
-elementwise fp32 updates: the same scalars (derived in float64, then rounded once to opmath),
-the same operation order, IEEE division and square root (div_rn, sqrt_rn; a plain `/` compiles
-to an approximate division) and no fused multiply-add (the launcher turns fusion off).
+Each mirrors its twin in csrc/optimizers.h op for op, so the backends agree bit for bit with the
+C++ build for CPUs with FMA (avx2, avx512): the same scalars (derived in float64, then rounded
+once to opmath), the same operation order, IEEE division and square root (div_rn, sqrt_rn; a
+plain `/` compiles to an approximate division), and one fused multiply-add exactly where torch's
+CPU kernels use one (_mul_add: add with alpha, addcmul, lerp); the launcher turns every other
+fusion off. torch's own CUDA kernels are compiled by nvcc, which contracts a * b + c wherever it
+finds one, so they may fuse where these kernels round twice.
 
 An update gets blocks of param, grad and up to three state tensors, already in opmath, plus
 `hyper` (the optimizer's Hyper from csrc/optimizers.h, as float64, same field order) and
@@ -33,9 +36,16 @@ def _sqrt(x, OP: tl.constexpr):
 
 
 @triton.jit
-def _lerp(start, end, weight, small_weight):
-    # torch.lerp's formula, which is exact at either end.
-    return tl.where(small_weight, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+def _mul_add(a, b, c):
+    # a * b + c rounded once, where torch's CPU kernels fuse it (mul_add in csrc/optimizers.h).
+    return tl.fma(a, b, c)
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    # torch.lerp's formulas, which keep the result exact at either end: one fma either way.
+    small = tl.abs(weight) < 0.5
+    return _mul_add(tl.where(small, weight, weight - 1.0), end - start, tl.where(small, start, end))
 
 
 @triton.jit
@@ -60,16 +70,16 @@ def sgd(param, grad, buf, unused1, unused2, hyper, scalars, OP: tl.constexpr,
     maximize = tl.load(hyper + 5).to(tl.float64, bitcast=True)
     grad = grad * _grad_sign(maximize, OP)
     if L2:
-        grad = grad + weight_decay.to(OP) * param
+        grad = _mul_add(param, weight_decay.to(OP), grad)
     if MOMENTUM:
         fresh = tl.load(scalars + 0).to(tl.float64, bitcast=True)
         # torch starts the buffer as a copy of the first gradient, without dampening.
-        buf = tl.where(fresh != 0.0, grad, buf * momentum.to(OP) + (1.0 - dampening).to(OP) * grad)
+        buf = tl.where(fresh != 0.0, grad, _mul_add(grad, (1.0 - dampening).to(OP), buf * momentum.to(OP)))
         if NESTEROV:
-            grad = grad + momentum.to(OP) * buf
+            grad = _mul_add(buf, momentum.to(OP), grad)
         else:
             grad = buf
-    param = param + (-lr).to(OP) * grad
+    param = _mul_add(grad, (-lr).to(OP), param)
     return param, buf, unused1, unused2
 
 
@@ -83,8 +93,8 @@ def adagrad(param, grad, state_sum, unused1, unused2, hyper, scalars, OP: tl.con
     neg_clr = tl.load(scalars + 0).to(tl.float64, bitcast=True).to(OP)
     grad = grad * _grad_sign(maximize, OP)
     if L2:
-        grad = grad + weight_decay.to(OP) * param
-    state_sum = state_sum + grad * grad
+        grad = _mul_add(param, weight_decay.to(OP), grad)
+    state_sum = _mul_add(grad, grad, state_sum)
     param = param + _div(neg_clr * grad, _sqrt(state_sum, OP) + eps.to(OP), OP)
     return param, state_sum, unused1, unused2
 
@@ -102,8 +112,8 @@ def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.const
     maximize = tl.load(hyper + 6).to(tl.float64, bitcast=True)
     grad = grad * _grad_sign(maximize, OP)
     if L2:
-        grad = grad + weight_decay.to(OP) * param
-    square_avg = square_avg * alpha.to(OP) + (1.0 - alpha).to(OP) * grad * grad
+        grad = _mul_add(param, weight_decay.to(OP), grad)
+    square_avg = _mul_add((1.0 - alpha).to(OP) * grad, grad, square_avg * alpha.to(OP))
     if MOMENTUM:
         buf = second
         grad_avg = third
@@ -111,15 +121,14 @@ def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.const
         buf = third
         grad_avg = second
     if CENTERED:
-        small_weight = tl.abs(1.0 - alpha) < 0.5
-        grad_avg = _lerp(grad_avg, grad, (1.0 - alpha).to(OP), small_weight)
-        avg = _sqrt(square_avg + (-1.0 * grad_avg) * grad_avg, OP)
+        grad_avg = _lerp(grad_avg, grad, (1.0 - alpha).to(OP))
+        avg = _sqrt(_mul_add(-grad_avg, grad_avg, square_avg), OP)
     else:
         avg = _sqrt(square_avg, OP)
     avg = avg + eps.to(OP)
     if MOMENTUM:
         buf = buf * momentum.to(OP) + _div(grad, avg, OP)
-        param = param + (-lr).to(OP) * buf
+        param = _mul_add(buf, (-lr).to(OP), param)
         second = buf
         third = grad_avg
     else:
@@ -147,11 +156,10 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: t
 
     grad = grad * _grad_sign(maximize, OP)
     if L2:
-        grad = grad + weight_decay.to(OP) * param
+        grad = _mul_add(param, weight_decay.to(OP), grad)
     param = param * param_decay
-    small_weight = tl.abs(1.0 - beta1) < 0.5
-    exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(OP), small_weight)
-    exp_avg_sq = exp_avg_sq * beta2.to(OP) + (1.0 - beta2).to(OP) * grad * grad
+    exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(OP))
+    exp_avg_sq = _mul_add((1.0 - beta2).to(OP) * grad, grad, exp_avg_sq * beta2.to(OP))
     second_moment = exp_avg_sq
     if AMSGRAD:
         max_exp_avg_sq = _maximum(max_exp_avg_sq, exp_avg_sq)

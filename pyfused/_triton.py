@@ -86,7 +86,7 @@ def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned,
                **optimizers.mode(kernel, hyper)},
             FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads, SKIP=skip is not None,
             CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
-            enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
+            enable_fp_fusion=False,  # the only FMAs: the explicit ones, as in the C++ FMA builds
         )
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.parametrize("case, dt", oc.parity_params())
 def test_matches_torch_forloop(case, dt):
-    check_parity(case, dt)
+    check_parity(case, dt, sizes=oc.SIXTEEN_BIT_SIZES if dt.dtype in oc.SIXTEEN_BIT else oc.DEFAULT_SIZES)
 
 
 LARGE_CASES = ["SGD-nesterov_wd_maximize", "Adagrad-all", "RMSprop-all", "Adam-amsgrad_wd_maximize", "AdamW-tensor_lr"]
@@ -84,14 +84,33 @@ def test_fp64_params_with_fp64_tensor_hyperparameters(case):
     check_parity(case, DTYPES_BY_NAME["fp64"])
 
 
+# --- bit for bit with torch's for-loop -----------------------------------------------------------
+
+# The least share of a 65,539-element param, after 20 steps, that is bit-identical to torch's
+# for-loop (measured on an AVX-512 machine, fp32 and fp64: SGD 100%; Adagrad and RMSprop >= 99.8%,
+# Adam and AdamW >= 99.96%). pyfused rounds as torch's kernels do; only sqrt differs (torch's CPU
+# sqrt is 1 ulp off for ~0.6% of values), and SGD has none. Without torch's fma roundings the
+# shares fall to 95-98%.
+BITWISE_SHARES = {"SGD-momentum_weight_decay": 1.0, "SGD-nesterov_wd_maximize": 1.0,
+                  "Adagrad-weight_decay": 0.995, "RMSprop-all": 0.995, "Adam-amsgrad": 0.999,
+                  "AdamW-weight_decay": 0.999}
+
+
+@pytest.mark.parametrize("case_id, dtype", [(c, torch.float32) for c in BITWISE_SHARES]
+                         + [(c, torch.float64) for c in BITWISE_SHARES if c.startswith("SGD")], ids=str)
+def test_bit_identical_to_torch_forloop(case_id, dtype):
+    share, n = oc.bitwise_share(CASES_BY_ID[case_id], dtype)
+    assert share >= BITWISE_SHARES[case_id], f"{share:.4%} of {n} elements bit-identical to torch's for-loop"
+
+
 # --- the checks above can fail -------------------------------------------------------------------
 
 WRONG = [
     ("SGD-dampening", {"dampening": 0.49}),
-    ("Adagrad-lr_decay", {"lr_decay": 0.051}),
+    ("Adagrad-lr_decay", {"lr_decay": 0.51}),
     ("RMSprop-alpha", {"alpha": 0.901}),
     ("Adam-plain", {"betas": (0.9, 0.998)}),
-    ("AdamW-weight_decay", {"weight_decay": 0.124}),
+    ("AdamW-weight_decay", {"weight_decay": 0.099}),
 ]
 
 
@@ -224,15 +243,42 @@ def isa_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_bitwise_identical_across_instruction_sets(isa_results, isa):
-    baseline, other = isa_results["baseline"], isa_results[isa]
-    if isinstance(other, str):
-        pytest.skip(other)
-    assert baseline[0]["isa"] == "baseline" and other[0]["isa"] == isa, "PYFUSED_CPU_ISA was not honoured"
-    assert baseline[1].keys() == other[1].keys()
-    for name in baseline[1]:
-        _assert_bitwise_equal(baseline[1][name], other[1][name], f"in {name} between baseline and {isa}")
+def test_bitwise_identical_across_instruction_sets(isa_results):
+    """The FMA builds, avx2 and avx512, compute the same expressions with the same fused
+    multiply-adds; the baseline build is not bit-identical to them (next test)."""
+    avx2, avx512 = isa_results["avx2"], isa_results["avx512"]
+    for other in (avx2, avx512):
+        if isinstance(other, str):
+            pytest.skip(other)
+    assert avx2[0]["isa"] == "avx2" and avx512[0]["isa"] == "avx512", "PYFUSED_CPU_ISA was not honoured"
+    assert avx2[1].keys() == avx512[1].keys()
+    for name in avx2[1]:
+        _assert_bitwise_equal(avx2[1][name], avx512[1][name], f"in {name} between avx2 and avx512")
+
+
+def test_baseline_build_rounds_each_op(isa_results):
+    """The baseline build (for CPUs without FMA) rounds a * b + c twice where the FMA builds fuse
+    it, so the two are not bit-identical: each matches the torch that runs on its kind of CPU
+    (test_baseline_build_matches_torch_default_capability)."""
+    baseline, avx2 = isa_results["baseline"], isa_results["avx2"]
+    if isinstance(avx2, str):
+        pytest.skip(avx2)
+    assert baseline[0]["isa"] == "baseline"
+    differ = [name for name in baseline[1] if any(
+        isinstance(t, torch.Tensor) and not torch.equal(t, avx2[1][name][key]) for key, t in baseline[1][name].items())]
+    assert differ, "the avx2 build computes exactly what the baseline build does: it does not fuse"
+
+
+def test_baseline_build_matches_torch_default_capability():
+    """With ATEN_CPU_CAPABILITY=default torch rounds every op, as pyfused's baseline build does:
+    the bit-identical shares hold there too."""
+    env = {**os.environ, "PYFUSED_CPU_ISA": "baseline", "ATEN_CPU_CAPABILITY": "default"}
+    env.pop("PYFUSED_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "test_bit_identical_to_torch_forloop"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-500:]
 
 
 def test_default_isa_is_the_widest_this_cpu_has(isa_results):

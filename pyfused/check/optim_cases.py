@@ -60,10 +60,10 @@ class OptimCase:
         """Per-group overrides of three param groups: the constructor's options; another lr,
         weight decay, maximize (and momentum, centered or amsgrad); twice the lr."""
         kw = self.kwargs
-        lr = kw.get("lr", 1e-3)
+        lr = kw.get("lr", self.torch_cls([torch.zeros(1)]).defaults["lr"])
         second = {
             "lr": lr * 0.5,
-            "weight_decay": 0.0 if kw.get("weight_decay", 0.0) else 0.0625,
+            "weight_decay": 0.0 if kw.get("weight_decay", 0.0) else 0.01,
             "maximize": not kw.get("maximize", False),
         }
         if self.optimizer == "SGD" and kw.get("momentum", 0.0) and not kw.get("nesterov", False):
@@ -87,63 +87,73 @@ def _case(optimizer, desc, **kwargs):
     return OptimCase(optimizer, kwargs, desc)
 
 
-# Weight decays are powers of two, so weight_decay * param is exact in fp32: torch's for-loop
-# (with FMA) and pyfused (without) then agree where grad + weight_decay * param cancels to ~0, a
-# point at which Adagrad's and RMSprop's 1/(sqrt(~0) + eps) would amplify one ulp to whole units.
+# The hyperparameters users set (lr 1e-3, betas (0.9, 0.999), weight decays 0.1 and 0.01) and the
+# configurations of torch's own optimizer tests (torch/testing/_internal/common_optimizers.py),
+# plus the options those leave out. Weight decays that are not powers of two make
+# grad + weight_decay * param round, and cancel to ~0 in some elements of the 65,539-element param
+# (DEFAULT_SIZES), where Adagrad's and RMSprop's 1/(sqrt(~0) + eps) magnify any difference in
+# that rounding into whole units: only rounding exactly like torch's kernels passes.
 CASES = [
     # SGD: lr, momentum, dampening, weight_decay, nesterov, maximize
-    _case("SGD", "plain", lr=0.1),
-    _case("SGD", "momentum", lr=0.05, momentum=0.9),
-    _case("SGD", "dampening", lr=0.05, momentum=0.9, dampening=0.5),
-    _case("SGD", "nesterov", lr=0.05, momentum=0.9, nesterov=True),
-    _case("SGD", "weight_decay", lr=0.1, weight_decay=0.125),
-    _case("SGD", "maximize", lr=0.1, maximize=True),
-    _case("SGD", "momentum_wd_maximize", lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.0625, maximize=True),
-    _case("SGD", "nesterov_wd_maximize", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.125, maximize=True),
-    _case("SGD", "tensor_lr", lr=torch.tensor(0.05), momentum=0.9),
+    _case("SGD", "plain", lr=1e-3),
+    _case("SGD", "lr", lr=1e-2),
+    _case("SGD", "momentum", lr=1e-3, momentum=0.9),
+    _case("SGD", "dampening", lr=1e-3, momentum=0.9, dampening=0.5),
+    _case("SGD", "nesterov", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=0.1),
+    _case("SGD", "weight_decay", lr=1e-3, weight_decay=0.5),
+    _case("SGD", "momentum_weight_decay", lr=1e-3, momentum=0.9, weight_decay=0.1),
+    _case("SGD", "maximize", lr=1e-3, weight_decay=0.1, maximize=True),
+    _case("SGD", "momentum_wd_maximize", lr=1e-3, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True),
+    _case("SGD", "nesterov_wd_maximize", lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True),
+    _case("SGD", "tensor_lr", lr=torch.tensor(1e-3), momentum=0.9),
     # Adagrad: lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize
-    _case("Adagrad", "plain", lr=0.1),
-    _case("Adagrad", "lr_decay", lr=0.1, lr_decay=0.05),
-    _case("Adagrad", "weight_decay", lr=0.1, weight_decay=0.125),
-    _case("Adagrad", "initial_accumulator", lr=0.1, initial_accumulator_value=0.5),
-    _case("Adagrad", "eps", lr=0.1, eps=1e-3),
-    _case("Adagrad", "maximize", lr=0.1, maximize=True),
-    _case("Adagrad", "all", lr=0.1, lr_decay=0.02, weight_decay=0.0625, initial_accumulator_value=0.2, eps=1e-5,
+    _case("Adagrad", "plain"),
+    _case("Adagrad", "lr", lr=0.1),
+    _case("Adagrad", "weight_decay", weight_decay=0.1),
+    _case("Adagrad", "maximize", weight_decay=0.1, maximize=True),
+    _case("Adagrad", "initial_accumulator", initial_accumulator_value=0.1, weight_decay=0.1),
+    _case("Adagrad", "lr_decay", lr=0.1, lr_decay=0.5, weight_decay=0.1),
+    _case("Adagrad", "eps", eps=1e-3, weight_decay=0.01),
+    _case("Adagrad", "all", lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1, eps=1e-5,
           maximize=True),
-    _case("Adagrad", "tensor_lr", lr=torch.tensor(0.1), lr_decay=0.01),
+    _case("Adagrad", "tensor_lr", lr=torch.tensor(1e-3), lr_decay=0.01, weight_decay=0.1),
     # RMSprop: lr, alpha, eps, weight_decay, momentum, centered, maximize
-    _case("RMSprop", "plain", lr=0.01),
-    _case("RMSprop", "alpha", lr=0.01, alpha=0.9),
-    _case("RMSprop", "eps", lr=0.01, eps=1e-3),
-    _case("RMSprop", "weight_decay", lr=0.01, weight_decay=0.125),
-    _case("RMSprop", "momentum", lr=0.01, momentum=0.9),
-    _case("RMSprop", "centered", lr=0.01, centered=True),
+    _case("RMSprop", "plain"),
+    _case("RMSprop", "lr", lr=1e-3),
+    _case("RMSprop", "alpha", lr=1e-3, alpha=0.9),
+    _case("RMSprop", "eps", lr=1e-3, eps=1e-3),
+    _case("RMSprop", "weight_decay", weight_decay=0.1),
+    _case("RMSprop", "maximize", maximize=True),
+    _case("RMSprop", "maximize_weight_decay", weight_decay=0.1, maximize=True),
+    _case("RMSprop", "centered", weight_decay=0.1, centered=True),
+    _case("RMSprop", "momentum", weight_decay=0.1, centered=True, momentum=0.1),
+    _case("RMSprop", "momentum_not_centered", lr=1e-3, weight_decay=0.01, momentum=0.9),
     # alpha < 0.5: grad_avg's lerp takes its other formula
-    _case("RMSprop", "centered_momentum_small_alpha", lr=0.01, alpha=0.3, momentum=0.5, centered=True),
-    _case("RMSprop", "maximize", lr=0.01, maximize=True),
-    _case("RMSprop", "all", lr=0.01, alpha=0.95, eps=1e-6, weight_decay=0.0625, momentum=0.7, centered=True,
+    _case("RMSprop", "centered_momentum_small_alpha", lr=1e-2, alpha=0.3, momentum=0.5, centered=True),
+    _case("RMSprop", "all", lr=1e-3, alpha=0.95, eps=1e-6, weight_decay=0.1, momentum=0.1, centered=True,
           maximize=True),
-    _case("RMSprop", "tensor_lr", lr=torch.tensor(0.01), momentum=0.5),
+    _case("RMSprop", "tensor_lr", lr=torch.tensor(1e-3), momentum=0.5, weight_decay=0.01),
     # Adam and AdamW: lr, betas, eps, weight_decay, amsgrad, maximize
     *[
         case
         for name in ("Adam", "AdamW")
         for case in (
-            _case(name, "plain", lr=0.01),
-            _case(name, "betas", lr=0.01, betas=(0.8, 0.99)),
+            _case(name, "plain"),
+            _case(name, "lr", lr=1e-2),
+            _case(name, "betas", betas=(0.9, 0.99)),
             # beta1 < 0.5: exp_avg's lerp takes its other formula
-            _case(name, "small_betas", lr=0.01, betas=(0.3, 0.5)),
-            _case(name, "eps", lr=0.01, eps=1e-4),
-            _case(name, "weight_decay", lr=0.01, weight_decay=0.125),
-            _case(name, "amsgrad", lr=0.01, amsgrad=True),
-            _case(name, "maximize", lr=0.01, maximize=True),
-            _case(name, "amsgrad_wd_maximize", lr=0.01, betas=(0.85, 0.995), eps=1e-6, weight_decay=0.125,
+            _case(name, "small_betas", betas=(0.3, 0.5), weight_decay=0.01),
+            _case(name, "eps", eps=1e-4),
+            _case(name, "weight_decay", weight_decay=0.1),
+            _case(name, "maximize", weight_decay=0.1, maximize=True),
+            _case(name, "amsgrad", weight_decay=0.1, amsgrad=True),
+            _case(name, "amsgrad_wd_maximize", lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                   amsgrad=True, maximize=True),
-            _case(name, "tensor_lr", lr=torch.tensor(0.01), weight_decay=0.0625),
-            _case(name, "tensor_betas", lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999))),
+            _case(name, "tensor_lr", lr=torch.tensor(0.01), weight_decay=0.1),
+            _case(name, "tensor_betas", lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.99))),
         )
     ],
-    _case("Adam", "decoupled_weight_decay", lr=0.01, weight_decay=0.125, decoupled_weight_decay=True),
+    _case("Adam", "decoupled_weight_decay", weight_decay=0.1, decoupled_weight_decay=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
@@ -199,37 +209,41 @@ class DtypeTol:
         assert self.rtol <= rtol and self.atol <= atol, f"{self.name}: looser than torch's own tests"
 
 
+# pyfused rounds like torch's CPU kernels (one fma exactly where they fuse, each other op rounded),
+# except sqrt: torch's CPU sqrt is 1 ulp off for ~0.6% of fp32 and fp64 values, pyfused's is
+# correctly rounded. That ulp, carried over 20 steps, is what the tolerances below absorb.
+_SQRT_ULP = "torch's CPU sqrt is 1 ulp off in ~0.6% of elements, pyfused's correctly rounded"
 DTYPES = [
     DtypeTol("fp32", torch.float32, 1.3e-6, 1e-5, "forloop",
-             "torch's vectorized kernels use FMA, pyfused does not: a few ulps apart after 20 steps"),
+             f"torch's own fp32 tolerance: {_SQRT_ULP}, a few ulps after 20 steps"),
     DtypeTol("fp64", torch.float64, 1e-12, 1e-12, "forloop",
-             "the same FMA ulps in fp64: measured <= 1e-14, far tighter than torch's 1e-7"),
+             f"{_SQRT_ULP} (fp64 too): measured <= 1e-14, far tighter than torch's 1e-7"),
     DtypeTol("bf16", torch.bfloat16, 1.6e-2, 1e-5, "forloop_fp32",
-             "an fp32 FMA ulp can flip one bf16 rounding: <= 1 bf16 ulp (2**-8 relative)", max_mismatch=0.02),
+             "an fp32 sqrt ulp can flip one bf16 rounding: <= 1 bf16 ulp (2**-8 relative)", max_mismatch=0.02),
     DtypeTol("fp16", torch.float16, 1e-3, 1e-5, "forloop_fp32",
-             "an fp32 FMA ulp can flip one fp16 rounding: <= 1 fp16 ulp (< 2**-10 relative)", max_mismatch=0.02),
+             "an fp32 sqrt ulp can flip one fp16 rounding: <= 1 fp16 ulp (< 2**-10 relative)", max_mismatch=0.02),
     DtypeTol("complex64", torch.complex64, 1.3e-6, 1e-5, "forloop",
-             "torch and pyfused update the real view; fp32's FMA ulps"),
+             "torch and pyfused update the real view; fp32's sqrt ulps"),
     DtypeTol("complex128", torch.complex128, 1e-12, 1e-12, "forloop",
-             "torch and pyfused update the real view; fp64's FMA ulps"),
+             "torch and pyfused update the real view; fp64's sqrt ulps"),
 ]
 DTYPES_BY_NAME = {d.name: d for d in DTYPES}
 DTYPES_BY_DTYPE = {d.dtype: d for d in DTYPES}
 
-# pyfused fp32 against torch's fused=True CPU kernels (one vectorized expression per element,
-# contracted to FMA, its own order of operations): torch's own fused-vs-forloop fp32 tolerance.
+# pyfused fp32 against torch's fused=True CPU kernels (one vectorized expression per element in
+# their own order of operations): torch's own fused-vs-forloop fp32 tolerance.
 TORCH_FUSED_FP32 = DtypeTol("fp32", torch.float32, 1.3e-6, 1e-5, "fused",
-                            "torch's fused kernels use FMA and their own op order: fp32 ulps")
+                            "torch's fused kernels have their own op order: fp32 ulps")
 
 _TENSOR_HYPER_FP64 = (
     "pyfused computes lr/bias-correction scalars in double; torch's for-loop computes them as fp32 "
     "tensors when lr or betas is an fp32 tensor (1 - lr*wd, lr/bc1, beta**step), which moves fp64 "
     "params by ~1e-7 relative"
 )
-_CENTERED_SMALL_ALPHA = (
-    "ill-conditioned, not a bug: with alpha=0.3, square_avg - grad_avg**2 cancels to ~1% of "
-    "square_avg where consecutive grads agree, so torch's FMA and pyfused's two roundings differ "
-    "by ~100 fp32 ulps; this case runs in fp64, bf16 and fp16"
+_SQRT_ULP_AT_A_CANCELLATION = (
+    "one element of 131,078 (measured: 4.6e-5 off at step 7): an element 1 ulp apart from torch's "
+    "(pyfused's correctly rounded sqrt, torch's 1 ulp off) meets grad + 0.1 * param ~ 0 at lr=1e-2, "
+    "where RMSprop's 1/(sqrt(square_avg) + eps) magnifies that ulp; fp32, with half the elements, passes"
 )
 # (case id, dtype name): ("xfail" | "skip", reason)
 KNOWN_ISSUES = {
@@ -237,8 +251,7 @@ KNOWN_ISSUES = {
         "Adagrad-tensor_lr", "Adam-tensor_lr", "AdamW-tensor_lr", "Adam-tensor_betas", "AdamW-tensor_betas")},
     **{(cid, "complex128"): ("xfail", _TENSOR_HYPER_FP64) for cid in (
         "Adagrad-tensor_lr", "Adam-tensor_lr", "AdamW-tensor_lr", "Adam-tensor_betas", "AdamW-tensor_betas")},
-    ("RMSprop-centered_momentum_small_alpha", "fp32"): ("skip", _CENTERED_SMALL_ALPHA),
-    ("RMSprop-centered_momentum_small_alpha", "complex64"): ("skip", _CENTERED_SMALL_ALPHA),
+    ("RMSprop-maximize_weight_decay", "complex64"): ("xfail", _SQRT_ULP_AT_A_CANCELLATION),
 }
 
 
@@ -263,7 +276,13 @@ def parity_params(cases=None, dtypes=None):
 # The parity run
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_SIZES = (0, 1, 7, 4097)
+# 65,539 (64Ki + 3): large enough that grad + weight_decay * param cancels in some elements, and
+# not a multiple of any vector width, so every run has vector bodies and scalar tails.
+DEFAULT_SIZES = (0, 1, 7, 4097, 65_539)
+# 16-bit params: their fp32 reference re-runs every step from pyfused's values (start_from), which
+# at 65,539 elements costs the suite about a minute; they round the same fp32 opmath values that
+# the fp32 table checks at 65,539 elements, so 4097 is enough here.
+SIXTEEN_BIT_SIZES = (0, 1, 7, 4097)
 LARGE_SIZE = 1_000_003
 
 
@@ -445,11 +464,20 @@ def compare_runs(actual, expected, tolerances=None, where=""):
 
 def assert_moved(run, steps):
     """Guards against a parity check that cannot fail: every param with a grad and elements
-    changed (pyfused could otherwise match a reference that also did nothing)."""
+    changed (pyfused could otherwise match a reference that also did nothing). A 16-bit param
+    whose every update is below half an ulp stays put, in torch too (lr=1e-3 in bf16): of those,
+    the run's largest must have moved."""
+    still = []
     for i, (spec, p, p0) in enumerate(zip(run.specs, run.params, run.initial)):
-        if p.numel() == 0 or len(spec.no_grad_steps) == steps:
+        if p.numel() == 0 or len(spec.no_grad_steps) == steps or not torch.equal(p.detach(), p0):
             continue
-        assert not torch.equal(p.detach(), p0), f"param {i} {tuple(spec.shape)} never moved"
+        still.append((spec, i))
+        assert spec.dtype in SIXTEEN_BIT, f"param {i} {tuple(spec.shape)} never moved"
+    moving = [(p.numel(), i) for i, (spec, p) in enumerate(zip(run.specs, run.params))
+              if spec.dtype in SIXTEEN_BIT and len(spec.no_grad_steps) < steps and p.numel()]
+    if moving:
+        n, largest = max(moving)
+        assert (run.specs[largest], largest) not in still, f"param {largest} ({n} elements) never moved"
 
 
 def make_factory(cls, case, extra=None):
@@ -522,3 +550,25 @@ def snapshot(run):
         for key, t in run.optimizer.state.get(p, {}).items():
             out[f"param{i}.{key}"] = t.clone() if isinstance(t, torch.Tensor) else t
     return out
+
+
+def bitwise_share(case, dtype=torch.float32, numel=65_539, steps=20, backend=None):
+    """The fraction of one param's elements that are bit-identical between pyfused (on `backend`)
+    and torch's for-loop after `steps` steps of `case` (its constructor options, one group), with
+    the same grads. Returns (fraction, number of elements)."""
+    spec = ParamSpec(0, (numel,), dtype, frozenset(), seed=5)
+    params = {}
+    for impl, cls, extra in (("pyfused", case.pyfused_cls, {}), ("torch", case.torch_cls, {"foreach": False})):
+        p = torch.nn.Parameter(initial_value(spec))
+        optimizer = cls([p], **case.make_kwargs(), **extra)
+        for step in range(steps):
+            p.grad = grad_value(spec, step)
+            if impl == "pyfused" and backend is not None:
+                with pyfused.use_backend(backend):
+                    optimizer.step()
+            else:
+                optimizer.step()
+        params[impl] = p.detach()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    same = params["pyfused"].view(bits) == params["torch"].view(bits)
+    return same.double().mean().item(), numel

@@ -17,6 +17,7 @@ from pyfused import _cpp, _triton
 from pyfused.kernels import multi_tensor, optimizers
 
 TARGET = GPUTarget("cuda", 90, 32)
+NUM_WARPS = 4  # Triton's default, which pyfused/_triton.py launches with
 STORAGE = {  # csrc dtype code -> (storage, opmath), as pyfused/_triton.py launches them
     "fp32": (tl.float32, tl.float32), "fp64": (tl.float64, tl.float64),
     "fp16": (tl.float16, tl.float32), "bf16": (tl.uint16, tl.float32),
@@ -57,10 +58,22 @@ def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False):
                  "n_tensors": "i32", "first_chunk": "i32"}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": 4})
+    return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": NUM_WARPS})
 
 
 VARIANTS = list(variants())
+
+
+def fmas_per_element(kernel, mode):
+    """The fused multiply-adds of one element's update: one per add with alpha, addcmul and lerp
+    of torch's for-loop (mul_add in csrc/optimizers.h, _mul_add in kernels/optimizers.py)."""
+    if kernel == "sgd":  # L2 add; buf.mul_().add_(alpha); Nesterov's add; param.add_(alpha=-lr)
+        return mode["L2"] + mode["MOMENTUM"] + mode["NESTEROV"] + 1
+    if kernel == "adagrad":  # L2 add; state_sum.addcmul_
+        return mode["L2"] + 1
+    if kernel == "rmsprop":  # L2 add; square_avg addcmul_; centered: lerp_ and addcmul; momentum: param.add_
+        return mode["L2"] + 1 + 2 * mode["CENTERED"] + mode["MOMENTUM"]
+    return mode["L2"] + 2  # adam: L2 add; exp_avg.lerp_; exp_avg_sq addcmul_
 
 
 @pytest.mark.parametrize("dtype", list(STORAGE))
@@ -70,9 +83,15 @@ def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
     compiled = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=factored)
     ptx = compiled.asm["ptx"]
     assert ".entry optimizer_kernel" in ptx
-    # IEEE division and square root, never the approximate ones, and no fused multiply-add.
+    # IEEE division and square root, never the approximate ones.
     assert "div.approx" not in ptx and "div.full" not in ptx and "sqrt.approx" not in ptx
-    assert not re.search(r"\bfma\.rn\.f(32|64)", ptx)
+    # Fused multiply-adds exactly where intended, in opmath: each thread holds BLOCK / (32 * warps)
+    # elements, and the update is emitted twice (the unmasked blocks and the masked tail block).
+    wanted = "f64" if dtype == "fp64" else "f32"
+    per_thread = _triton._COMPILED_BLOCK // (32 * NUM_WARPS)
+    assert len(re.findall(rf"\bfma\.rn\.{wanted}\b", ptx)) == fmas_per_element(kernel, mode) * per_thread * 2
+    other = "f32" if wanted == "f64" else "f64"
+    assert not re.search(rf"\bfma\.rn\.{other}\b", ptx)
 
 
 @pytest.mark.parametrize("kernel", ["sgd", "adagrad", "rmsprop", "adam"])
