@@ -23,7 +23,7 @@ OURS_RELU = {2: pnn.BatchNormReLU1d, 3: pnn.BatchNormReLU1d, 4: pnn.BatchNormReL
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 SHAPES = [(2, 1), (2, 3, 1, 1), (8, 16, 7, 7), (4, 64, 28, 28), (6, 13, 5, 5), (2, 3, 181, 181),
-          (256, 33), (5, 7, 3), (3, 4, 70), (4, 3, 2, 3, 5), (5, 3, 65539)]
+          (256, 33), (5, 7, 3), (3, 4, 70), (4, 3, 2, 3, 5), (1, 2, 65539)]
 
 
 def close(actual, expected, tol, what, scale=1.0):
