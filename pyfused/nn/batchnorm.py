@@ -128,8 +128,9 @@ class _BatchNorm(torch.autograd.Function):
                 import torch.distributed as dist
 
                 packed = torch.cat([torch.full((1,), float(count), **per_channel), local.flatten()])
-                gathered = packed.new_empty(dist.get_world_size(group), packed.numel())
+                gathered = packed.new_empty(dist.get_world_size(group) * packed.numel())  # flat, for gloo
                 dist.all_gather_into_tensor(gathered, packed, group=group)
+                gathered = gathered.view(-1, packed.numel())
                 counts = gathered[:, 0].contiguous()
                 stats = gathered[:, 1:].reshape(-1, 2, channels)
                 count = int(counts.sum().item())
