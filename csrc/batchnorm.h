@@ -140,12 +140,14 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
 #pragma GCC ivdep
         for (int64_t w = 0; w < W; ++w) sum[w] += double(load(row + w));
       }
-      const double n = double(rows);
+      // Each column's mean, divided once rather than per element.
+      std::vector<double> mean(W);
+      for (int64_t w = 0; w < W; ++w) mean[w] = sum[w] / double(rows);
       for (int64_t r = 0; r < rows; ++r) {
         const T* row = base + r * W;
 #pragma GCC ivdep
         for (int64_t w = 0; w < W; ++w) {
-          double d = double(load(row + w)) - sum[w] / n;
+          double d = double(load(row + w)) - mean[w];
           m2[w] += d * d;
         }
       }
