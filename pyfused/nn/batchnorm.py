@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pyfused import _backend, _cpp
 
@@ -152,6 +153,7 @@ class _BatchNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable: a double backward is refused clearly
     def backward(ctx, dy):
         xd, w, b, saved = ctx.saved_tensors
         param_code, shape, count, training, relu, group = ctx.config
