@@ -283,7 +283,8 @@ class SyncBatchNorm(_Fused, nn.SyncBatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if not _fusable(input, self.running_mean, self.running_var, self.weight, self.bias):
-            return nn.SyncBatchNorm.forward(self, input)  # torch's, with its device rules
+            y = nn.SyncBatchNorm.forward(self, input)  # torch's, with its device rules
+            return torch.relu(y) if self._relu else y
         group = None
         if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = self.process_group or torch.distributed.group.WORLD
