@@ -26,6 +26,44 @@ struct TensorTable {
   bool store_grads = false;
 };
 
+// Batch normalization (csrc/batchnorm.h): a tensor as (outer, channels, inner), element
+// (o, c, i) at (o * channels + c) * inner + i; per-channel values are double arrays.
+struct BnShape {
+  int64_t outer, channels, inner;
+  int threads;
+};
+
+struct BnFinalize {
+  int64_t channels, groups;  // groups: sets of per-channel statistics to merge; 0 in eval mode
+  const double* counts;      // [groups]
+  const double* means;       // [groups][channels]
+  const double* m2s;         // [groups][channels]
+  const void* weight;        // the parameter dtype's storage, or null
+  const void* bias;
+  void* running_mean;        // updated in place when groups > 0, read when groups == 0; or null
+  void* running_var;
+  double momentum, eps;
+  double* save_mean;         // outputs, [channels] each
+  double* save_invstd;
+  double* scale;
+  double* shift;
+};
+
+struct BnBackwardFinalize {
+  int64_t channels;
+  double count;
+  bool training;
+  const double* sum_dy;
+  const double* sum_dy_xmu;
+  const double* mean;
+  const double* invstd;
+  const void* weight;        // the parameter dtype's storage, or null
+  const void* bias;
+  void* dweight;             // written when not null
+  void* dbias;
+  double* coefficients;      // [6][channels]: mean, gm, k, g, scale, shift
+};
+
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
@@ -36,6 +74,17 @@ struct TensorTable {
   void tensor_scalars(Optimizer, DType, const TensorTable&, const double* hyper, double* out); \
   /* the p-th power of the tensors' global norm (row 0 of the table); kind: csrc/norm.h */  \
   double norm_powered_sum(DType, const TensorTable&, int kind, double p);             \
+  /* batch normalization's passes, csrc/batchnorm.h */                                \
+  void bn_stats(DType, const BnShape&, const void* x, double* mean, double* m2);        \
+  void bn_normalize(DType, const BnShape&, const void* x, void* y, const double* scale, \
+                    const double* shift, bool relu);                                   \
+  void bn_grad_sums(DType, const BnShape&, const void* dy, const void* x, const double* mean, \
+                    const double* scale, const double* shift, bool relu, double* sum_dy, \
+                    double* sum_dy_xmu);                                               \
+  void bn_grad_input(DType, const BnShape&, const void* dy, const void* x, void* dx,   \
+                     const double* coefficients, bool relu, bool training);            \
+  void bn_finalize(DType param, const BnFinalize&);                                    \
+  void bn_backward_finalize(DType param, const BnBackwardFinalize&);                   \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

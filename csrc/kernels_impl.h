@@ -2,6 +2,7 @@
 // namespace that keeps the builds apart), sets the target, then includes this file once.
 #include <cstring>
 
+#include "batchnorm.h"
 #include "kernels.h"
 #include "norm.h"
 #include "optimizers.h"
@@ -88,6 +89,41 @@ void tensor_scalars(Optimizer optimizer, DType dtype, const TensorTable& table, 
   if (dtype == DType::kFloat64) return scalars_for_type<double>(optimizer, table, hyper, out);
   return scalars_for_type<float>(optimizer, table, hyper, out);
 }
+
+// Batch normalization: one switch over the input's (or the parameters') dtype per entry.
+template <class F>
+void with_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(Half{});
+    case DType::kBFloat16: return f(BFloat16{});
+  }
+}
+
+#define PYFUSED_TYPED(dtype, call) with_type(dtype, [&](auto tag) { using T = decltype(tag); call; })
+
+void bn_stats(DType dtype, const BnShape& s, const void* x, double* mean, double* m2) {
+  PYFUSED_TYPED(dtype, batchnorm::stats<T>(s, x, mean, m2));
+}
+void bn_normalize(DType dtype, const BnShape& s, const void* x, void* y, const double* scale,
+                  const double* shift, bool relu) {
+  PYFUSED_TYPED(dtype, batchnorm::normalize<T>(s, x, y, scale, shift, relu));
+}
+void bn_grad_sums(DType dtype, const BnShape& s, const void* dy, const void* x, const double* mean,
+                  const double* scale, const double* shift, bool relu, double* sum_dy, double* sum_dy_xmu) {
+  PYFUSED_TYPED(dtype, batchnorm::grad_sums<T>(s, dy, x, mean, scale, shift, relu, sum_dy, sum_dy_xmu));
+}
+void bn_grad_input(DType dtype, const BnShape& s, const void* dy, const void* x, void* dx,
+                   const double* coefficients, bool relu, bool training) {
+  PYFUSED_TYPED(dtype, batchnorm::grad_input<T>(s, dy, x, dx, coefficients, relu, training));
+}
+void bn_finalize(DType param, const BnFinalize& f) { PYFUSED_TYPED(param, batchnorm::finalize<T>(f)); }
+void bn_backward_finalize(DType param, const BnBackwardFinalize& f) {
+  PYFUSED_TYPED(param, batchnorm::backward_finalize<T>(f));
+}
+
+#undef PYFUSED_TYPED
 
 }  // namespace PYFUSED_ISA
 }  // namespace pyfused

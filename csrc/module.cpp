@@ -22,11 +22,19 @@ struct Isa {
   void (*optimizer_step)(Optimizer, DType, const TensorTable&, const double*);
   void (*tensor_scalars)(Optimizer, DType, const TensorTable&, const double*, double*);
   double (*norm_powered_sum)(DType, const TensorTable&, int, double);
+  void (*bn_stats)(DType, const BnShape&, const void*, double*, double*);
+  void (*bn_normalize)(DType, const BnShape&, const void*, void*, const double*, const double*, bool);
+  void (*bn_grad_sums)(DType, const BnShape&, const void*, const void*, const double*, const double*,
+                       const double*, bool, double*, double*);
+  void (*bn_grad_input)(DType, const BnShape&, const void*, const void*, void*, const double*, bool, bool);
+  void (*bn_finalize)(DType, const BnFinalize&);
+  void (*bn_backward_finalize)(DType, const BnBackwardFinalize&);
 };
 
 #define PYFUSED_ISA_ENTRY(isa) \
   Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars, \
-      isa::norm_powered_sum}
+      isa::norm_powered_sum, isa::bn_stats, isa::bn_normalize, isa::bn_grad_sums, isa::bn_grad_input, \
+      isa::bn_finalize, isa::bn_backward_finalize}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
 Isa pick_isa() {
@@ -109,6 +117,79 @@ void tensor_scalars(int optimizer, int dtype, int64_t n_tensors, uintptr_t steps
   isa().tensor_scalars(which, DType(dtype), table, hyper.data(), reinterpret_cast<double*>(out));
 }
 
+// Batch normalization (csrc/batchnorm.h). Python checks shapes, dtypes and layouts.
+DType checked_dtype(int dtype) {
+  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
+  return DType(dtype);
+}
+
+BnShape bn_shape(int64_t outer, int64_t channels, int64_t inner, int threads) {
+  if (outer < 0 || channels < 0 || inner < 0) throw py::value_error("negative extent");
+  return BnShape{outer, channels, inner, threads < 1 ? 1 : threads};
+}
+
+template <class T>
+T* mutable_address(uintptr_t value) { return reinterpret_cast<T*>(value); }
+
+void bn_stats(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t mean,
+              uintptr_t m2, int threads) {
+  DType d = checked_dtype(dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  py::gil_scoped_release no_gil;
+  isa().bn_stats(d, s, address<void>(x), mutable_address<double>(mean), mutable_address<double>(m2));
+}
+
+void bn_normalize(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t y,
+                  uintptr_t scale, uintptr_t shift, bool relu, int threads) {
+  DType d = checked_dtype(dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  py::gil_scoped_release no_gil;
+  isa().bn_normalize(d, s, address<void>(x), mutable_address<void>(y), address<double>(scale),
+                     address<double>(shift), relu);
+}
+
+void bn_grad_sums(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t dy, uintptr_t x,
+                  uintptr_t mean, uintptr_t scale, uintptr_t shift, bool relu, uintptr_t sum_dy,
+                  uintptr_t sum_dy_xmu, int threads) {
+  DType d = checked_dtype(dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  py::gil_scoped_release no_gil;
+  isa().bn_grad_sums(d, s, address<void>(dy), address<void>(x), address<double>(mean), address<double>(scale),
+                     address<double>(shift), relu, mutable_address<double>(sum_dy),
+                     mutable_address<double>(sum_dy_xmu));
+}
+
+void bn_grad_input(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t dy, uintptr_t x,
+                   uintptr_t dx, uintptr_t coefficients, bool relu, bool training, int threads) {
+  DType d = checked_dtype(dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  py::gil_scoped_release no_gil;
+  isa().bn_grad_input(d, s, address<void>(dy), address<void>(x), mutable_address<void>(dx),
+                      address<double>(coefficients), relu, training);
+}
+
+void bn_finalize(int param_dtype, int64_t channels, int64_t groups, uintptr_t counts, uintptr_t means,
+                 uintptr_t m2s, uintptr_t weight, uintptr_t bias, uintptr_t running_mean,
+                 uintptr_t running_var, double momentum, double eps, uintptr_t save_mean,
+                 uintptr_t save_invstd, uintptr_t scale, uintptr_t shift) {
+  BnFinalize f{channels, groups, address<double>(counts), address<double>(means), address<double>(m2s),
+               address<void>(weight), address<void>(bias), mutable_address<void>(running_mean),
+               mutable_address<void>(running_var), momentum, eps, mutable_address<double>(save_mean),
+               mutable_address<double>(save_invstd), mutable_address<double>(scale),
+               mutable_address<double>(shift)};
+  isa().bn_finalize(checked_dtype(param_dtype), f);
+}
+
+void bn_backward_finalize(int param_dtype, int64_t channels, double count, bool training, uintptr_t sum_dy,
+                          uintptr_t sum_dy_xmu, uintptr_t mean, uintptr_t invstd, uintptr_t weight,
+                          uintptr_t bias, uintptr_t dweight, uintptr_t dbias, uintptr_t coefficients) {
+  BnBackwardFinalize f{channels, count, training, address<double>(sum_dy), address<double>(sum_dy_xmu),
+                       address<double>(mean), address<double>(invstd), address<void>(weight),
+                       address<void>(bias), mutable_address<void>(dweight), mutable_address<void>(dbias),
+                       mutable_address<double>(coefficients)};
+  isa().bn_backward_finalize(checked_dtype(param_dtype), f);
+}
+
 }  // namespace
 }  // namespace pyfused
 
@@ -134,6 +215,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("scalars_per_tensor", [](int optimizer) {
     return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
   });
+  m.def("bn_stats", &pyfused::bn_stats,
+        "Per-channel mean and sum of squared deviations (double) of an (outer, C, inner) tensor.");
+  m.def("bn_normalize", &pyfused::bn_normalize, "y = x * scale + shift per channel (ReLU if relu).");
+  m.def("bn_grad_sums", &pyfused::bn_grad_sums, "Per-channel sum dy and sum dy * (x - mean) (double).");
+  m.def("bn_grad_input", &pyfused::bn_grad_input, "dx from dy, x and the [6][C] backward coefficients.");
+  m.def("bn_finalize", &pyfused::bn_finalize,
+        "Merges per-channel statistics, updates the running stats, writes mean, invstd, scale, shift.");
+  m.def("bn_backward_finalize", &pyfused::bn_backward_finalize,
+        "dweight, dbias and the grad_input coefficients from the per-channel grad sums.");
   m.def("isa", [] { return std::string(pyfused::isa().name); },
         "The instruction set the kernels run with.");
 }

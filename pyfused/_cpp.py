@@ -67,3 +67,64 @@ def tensor_scalars(kernel: str, bucket, hyper: tuple, out: int) -> None:
 def isa() -> str:
     """The instruction set the C++ kernels picked for this CPU."""
     return _C.isa()
+
+
+# Batch normalization (csrc/batchnorm.h): a dense tensor as (outer, C, inner); per-channel values
+# are float64 CPU tensors. pyfused/nn/batchnorm.py validates everything before these run.
+def bn_stats(x, shape) -> torch.Tensor:
+    """[2, C]: each channel's mean and sum of squared deviations."""
+    outer, channels, inner = shape
+    out = torch.empty(2, channels, dtype=torch.float64)
+    _C.bn_stats(DTYPE_CODES[x.dtype], outer, channels, inner, x.data_ptr(), out.data_ptr(),
+                out[1].data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _address(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def bn_finalize(param_code, counts, stats, weight, bias, running_mean, running_var, momentum, eps):
+    """[4, C]: save_mean, save_invstd, scale, shift, from `stats` ([G, 2, C], counts [G]); the
+    running stats move when G > 0 and are used when G == 0 (eval)."""
+    groups, _, channels = stats.shape
+    out = torch.empty(4, channels, dtype=torch.float64)
+    split = stats.transpose(0, 1).contiguous()  # [2, G, C]: the means, then the M2s
+    _C.bn_finalize(param_code, channels, groups, _address(counts), split.data_ptr(),
+                   split.data_ptr() + 8 * groups * channels, _address(weight), _address(bias),
+                   _address(running_mean), _address(running_var), momentum, eps, out.data_ptr(),
+                   out[1].data_ptr(), out[2].data_ptr(), out[3].data_ptr())
+    return out
+
+
+def bn_normalize(x, shape, scale, shift, relu) -> torch.Tensor:
+    y = torch.empty_like(x)
+    _C.bn_normalize(DTYPE_CODES[x.dtype], *shape, x.data_ptr(), y.data_ptr(), scale.data_ptr(),
+                    shift.data_ptr(), relu, torch.get_num_threads())
+    return y
+
+
+def bn_grad_sums(dy, x, shape, mean, scale, shift, relu) -> torch.Tensor:
+    """[2, C]: sum dy and sum dy * (x - mean), dy masked by the ReLU if relu."""
+    out = torch.empty(2, shape[1], dtype=torch.float64)
+    _C.bn_grad_sums(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
+                    scale.data_ptr(), shift.data_ptr(), relu, out.data_ptr(), out[1].data_ptr(),
+                    torch.get_num_threads())
+    return out
+
+
+def bn_backward_finalize(param_code, count, training, sums, mean, invstd, weight, bias, dweight, dbias):
+    """Writes dweight and dbias (when given); returns the [6, C] grad_input coefficients."""
+    channels = sums.shape[1]
+    out = torch.empty(6, channels, dtype=torch.float64)
+    _C.bn_backward_finalize(param_code, channels, float(count), training, sums.data_ptr(),
+                            sums[1].data_ptr(), mean.data_ptr(), invstd.data_ptr(), _address(weight),
+                            _address(bias), _address(dweight), _address(dbias), out.data_ptr())
+    return out
+
+
+def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
+    dx = torch.empty_like(x)
+    _C.bn_grad_input(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
+                     coefficients.data_ptr(), relu, training, torch.get_num_threads())
+    return dx

@@ -150,3 +150,121 @@ def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
     _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, None)
+
+
+# Batch normalization (kernels/batchnorm.py): the same entry points as pyfused/_cpp.py's, on
+# device tensors, without a host sync. The plan must match csrc/batchnorm.h's plan().
+_BN_PART, _BN_MIN_ROWS, _BN_PLANAR_MIN = 4096, 16, 32
+_BN_BLOCK = 1024  # elements per elementwise program, lanes per reduction program
+_BN_CHANNELS = 128  # channels per per-channel program
+
+
+def _bn_plan(shape):
+    outer, channels, inner = shape
+    if inner >= _BN_PLANAR_MIN:
+        cols_per_b, n_b = min(inner, _BN_PART), -(-inner // _BN_PART)
+        rows_per_a = max(1, _BN_PART // inner) if n_b == 1 else 1
+        planar = True
+    else:
+        cols_per_b, n_b, planar = 1, inner, False
+        rows_per_a = max(_BN_MIN_ROWS, _BN_PART // max(channels * inner, 1))
+    return planar, -(-outer // rows_per_a), rows_per_a, n_b, cols_per_b
+
+
+def _bn_storage(t):
+    """(tensor as the kernel reads it, BF16 flag, opmath type): bfloat16 as int16 bits."""
+    import triton.language as tl
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16), True, tl.float32
+    return t, False, tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _bn_reduce(partials_kernel, merge_stats, shape, tensors, extra, relu=None):
+    from pyfused.kernels import batchnorm
+
+    outer, channels, inner = shape
+    planar, n_a, rows_per_a, n_b, cols_per_b = _bn_plan(shape)
+    device = tensors[0].device
+    s1 = torch.empty(n_a * channels * n_b, dtype=torch.float64, device=device)
+    s2 = torch.empty_like(s1)
+    views = [_bn_storage(t)[0] for t in tensors]
+    _, bf16, op = _bn_storage(tensors[0])
+    grid = (n_a * channels * n_b,) if planar else (n_a, -(-(channels * inner) // _BN_BLOCK))
+    flags = dict(BF16=bf16, OP=op, PLANAR=planar, BLOCK=_BN_BLOCK)
+    if relu is not None:
+        flags["RELU"] = relu
+    partials_kernel[grid](*views, *extra, s1, s2, outer, channels, inner, n_b, rows_per_a, cols_per_b,
+                          **flags, enable_fp_fusion=False)
+    out = torch.empty(2, channels, dtype=torch.float64, device=device)
+    batchnorm.merge_kernel[(-(-channels // _BN_CHANNELS),)](
+        s1, s2, out, outer, channels, inner, n_a, n_b, rows_per_a, cols_per_b,
+        STATS=merge_stats, BLOCK=_BN_CHANNELS, enable_fp_fusion=False)
+    return out
+
+
+def bn_stats(x, shape) -> torch.Tensor:
+    from pyfused.kernels import batchnorm
+
+    return _bn_reduce(batchnorm.stats_partials_kernel, True, shape, [x], [])
+
+
+def bn_finalize(param_code, counts, stats, weight, bias, running_mean, running_var, momentum, eps):
+    from pyfused.kernels import batchnorm
+
+    groups, _, channels = stats.shape
+    out = torch.empty(4, channels, dtype=torch.float64, device=stats.device)
+    present = [t for t in (weight, bias, running_mean, running_var) if t is not None]
+    dummy = out
+    args = [dummy if t is None else _bn_storage(t)[0] for t in (weight, bias, running_mean, running_var)]
+    batchnorm.finalize_kernel[(-(-channels // _BN_CHANNELS),)](
+        counts if counts is not None else dummy, stats.contiguous(), *args, out, channels, groups,
+        float(momentum), float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=running_mean is not None, TRAINING=groups > 0,
+        PBF16=bool(present) and present[0].dtype == torch.bfloat16, BLOCK=_BN_CHANNELS,
+        enable_fp_fusion=False)
+    return out
+
+
+def bn_normalize(x, shape, scale, shift, relu) -> torch.Tensor:
+    from pyfused.kernels import batchnorm
+
+    y = torch.empty_like(x)
+    xv, bf16, op = _bn_storage(x)
+    batchnorm.normalize_kernel[(-(-x.numel() // _BN_BLOCK),)](
+        xv, _bn_storage(y)[0], scale, shift, x.numel(), shape[1], shape[2], BF16=bf16, OP=op, RELU=relu,
+        BLOCK=_BN_BLOCK, enable_fp_fusion=False)
+    return y
+
+
+def bn_grad_sums(dy, x, shape, mean, scale, shift, relu) -> torch.Tensor:
+    from pyfused.kernels import batchnorm
+
+    return _bn_reduce(batchnorm.grad_partials_kernel, False, shape, [dy, x], [mean, scale, shift], relu)
+
+
+def bn_backward_finalize(param_code, count, training, sums, mean, invstd, weight, bias, dweight, dbias):
+    from pyfused.kernels import batchnorm
+
+    channels = sums.shape[1]
+    out = torch.empty(6, channels, dtype=torch.float64, device=sums.device)
+    saved = torch.stack([mean, invstd])
+    present = [t for t in (weight, bias, dweight, dbias) if t is not None]
+    args = [out if t is None else _bn_storage(t)[0] for t in (weight, bias, dweight, dbias)]
+    batchnorm.backward_finalize_kernel[(-(-channels // _BN_CHANNELS),)](
+        sums.contiguous(), saved, *args, out, channels, float(count), HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, WANT_DW=dweight is not None, WANT_DB=dbias is not None,
+        TRAINING=training, PBF16=bool(present) and present[0].dtype == torch.bfloat16, BLOCK=_BN_CHANNELS,
+        enable_fp_fusion=False)
+    return out
+
+
+def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
+    from pyfused.kernels import batchnorm
+
+    dx = torch.empty_like(x)
+    xv, bf16, op = _bn_storage(x)
+    batchnorm.grad_input_kernel[(-(-x.numel() // _BN_BLOCK),)](
+        _bn_storage(dy)[0], xv, _bn_storage(dx)[0], coefficients, x.numel(), shape[1], shape[2], BF16=bf16,
+        OP=op, RELU=relu, TRAINING=training, BLOCK=_BN_BLOCK, enable_fp_fusion=False)
+    return dx

@@ -1,0 +1,446 @@
+// Batch normalization: per-channel statistics, the normalizing pass, and the two backward passes.
+//
+// A tensor is seen as (outer, channels, inner), element (o, c, i) at (o * C + c) * I + i:
+// contiguous N,C,* is (N, C, prod(*)), channels_last is (N * prod(*), C, 1), (N, C) is (N, C, 1).
+// Two walks over it:
+//   planar  (I >= kPlanarMin): channel c's data are runs of I contiguous elements;
+//   rows    (smaller I):       rows of W = C * I contiguous elements, vectorized along the row.
+//
+// Reductions cut channel c's elements into fixed partitions (a, b): a block of rows (planes in
+// the planar walk) times a block of columns of a row (planar) or one column (rows walk). A
+// partition's elements fit in cache, so its statistics take two passes over it (sum, then the
+// sum of squared deviations from the partition's own mean) for one read from memory. Partitions
+// are merged per channel in (a, b) order with the parallel-axis formula
+//   mean = sum(S_p) / n,  M2 = sum(M2_p + n_p * (S_p / n_p - mean)^2)
+// whose terms are all non-negative. Everything accumulates in double: an fp32 element's square
+// is exact in double, and the partitions' sums stay exact to ~1e-16 relative, so the variance is
+// as good as a two-pass fp64 computation whatever the mean. The cut depends only on the shape,
+// so the statistics depend on neither the thread count nor the instruction set.
+//
+// Per-channel values (mean, inverse std, affine coefficients) travel as double arrays; the
+// elementwise passes round them once to opmath (float, or double for fp64) and compute
+//   forward  y  = x * scale + shift                  (scale = w * invstd, shift = b - mean * scale)
+//   backward dx = ((dy - gm) - (x - mean) * k) * g   (gm = sum dy / n, k = sum dy (x - mean) invstd^2 / n,
+//                                                     g = w * invstd; gm = k = 0 in eval mode)
+// as torch's CPU kernels do. With a fused ReLU, y = max(x * scale + shift, 0) and dy is masked by
+// (x * scale + shift > 0), recomputed from the saved input with the same rounding as forward.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace pyfused {
+namespace PYFUSED_ISA {
+namespace batchnorm {
+
+constexpr int kLanes = 16;
+constexpr int64_t kPart = 4096;        // elements per statistics partition (16 KiB of fp32)
+constexpr int64_t kMinRows = 16;       // rows walk: at least this many rows per partition
+constexpr int64_t kPlanarMin = 32;     // inner extent from which the planar walk is used
+constexpr int64_t kChunk = 1 << 14;    // elements per unit of elementwise work
+
+typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+
+// The partitions of one channel: n_a blocks of rows_per_a rows (planes), times n_b blocks of
+// cols_per_b columns. Partition (a, c, b) is stored at (a * C + c) * n_b + b.
+struct Plan {
+  bool planar;
+  int64_t n_a, rows_per_a, n_b, cols_per_b;
+  int64_t rows(const BnShape& s, int64_t a) const { return std::min(rows_per_a, s.outer - a * rows_per_a); }
+  int64_t cols(const BnShape& s, int64_t b) const { return std::min(cols_per_b, s.inner - b * cols_per_b); }
+  int64_t size(const BnShape& s) const { return n_a * s.channels * n_b; }
+};
+
+inline Plan plan(const BnShape& s) {
+  Plan p;
+  p.planar = s.inner >= kPlanarMin;
+  if (p.planar) {
+    p.cols_per_b = std::min(s.inner, kPart);
+    p.n_b = (s.inner + kPart - 1) / kPart;
+    p.rows_per_a = p.n_b == 1 ? std::max<int64_t>(1, kPart / s.inner) : 1;
+  } else {
+    const int64_t width = s.channels * s.inner;
+    p.cols_per_b = 1;
+    p.n_b = s.inner;
+    p.rows_per_a = std::max(kMinRows, kPart / std::max<int64_t>(width, 1));
+  }
+  p.n_a = (s.outer + p.rows_per_a - 1) / p.rows_per_a;
+  return p;
+}
+
+// Runs body(item) for item in [0, n) on s.threads threads.
+template <class Body>
+void parallel_items(const BnShape& s, int64_t n, Body&& body) {
+  std::atomic<int64_t> next{0};
+  const int threads = int(std::min<int64_t>(s.threads, n));
+  parallel_run(threads, [&](int) {
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(k);
+  });
+}
+
+inline double sum_lanes(const Lanes& v) {
+  double total = 0;
+  for (int l = 0; l < kLanes; ++l) total += v[l];
+  return total;
+}
+
+// Adds f(j) for j in [0, n) into lanes (element j into lane j % kLanes), vector body and scalar
+// tail in the same order per lane.
+template <class F>
+inline void fold(Lanes& acc, int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    Lanes v;
+    for (int l = 0; l < kLanes; ++l) v[l] = f(j + l);
+    acc += v;
+  }
+  for (; j < n; ++j) acc[j % kLanes] += f(j);
+}
+
+// Per-partition sums: S = sum x and M2 = sum (x - S / n)^2, written to s1, s2 in plan order.
+template <class T>
+void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, double* s2) {
+  const int64_t C = s.channels, I = s.inner, W = C * I;
+  if (p.planar) {
+    parallel_items(s, p.size(s), [&](int64_t item) {
+      const int64_t b = item % p.n_b, c = item / p.n_b % C, a = item / p.n_b / C;
+      const int64_t rows = p.rows(s, a), cols = p.cols(s, b);
+      const T* base = x + (a * p.rows_per_a * C + c) * I + b * p.cols_per_b;
+      Lanes sum = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* seg = base + r * W;
+        fold(sum, cols, [&](int64_t j) { return double(load(seg + j)); });
+      }
+      const double mean = sum_lanes(sum) / double(rows * cols);
+      Lanes m2 = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* seg = base + r * W;
+        fold(m2, cols, [&](int64_t j) { double d = double(load(seg + j)) - mean; return d * d; });
+      }
+      s1[item] = sum_lanes(sum);
+      s2[item] = sum_lanes(m2);
+    });
+  } else {
+    parallel_items(s, p.n_a, [&](int64_t a) {
+      const int64_t rows = p.rows(s, a);
+      const T* base = x + a * p.rows_per_a * W;
+      double* sum = s1 + a * W;
+      double* m2 = s2 + a * W;
+      std::fill(sum, sum + W, 0.0);
+      std::fill(m2, m2 + W, 0.0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = base + r * W;
+#pragma GCC ivdep
+        for (int64_t w = 0; w < W; ++w) sum[w] += double(load(row + w));
+      }
+      // Each column's mean, divided once rather than per element.
+      std::vector<double> mean(W);
+      for (int64_t w = 0; w < W; ++w) mean[w] = sum[w] / double(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = base + r * W;
+#pragma GCC ivdep
+        for (int64_t w = 0; w < W; ++w) {
+          double d = double(load(row + w)) - mean[w];
+          m2[w] += d * d;
+        }
+      }
+    });
+  }
+}
+
+// Channel c's mean and M2 from its partitions, merged in plan order.
+inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2,
+                        double* mean, double* m2) {
+  const int64_t C = s.channels;
+  const double n = double(s.outer) * double(s.inner);
+  for (int64_t c = 0; c < C; ++c) {
+    double total = 0;
+    for (int64_t a = 0; a < p.n_a; ++a)
+      for (int64_t b = 0; b < p.n_b; ++b) total += s1[(a * C + c) * p.n_b + b];
+    const double mu = total / n;
+    double dev = 0;
+    for (int64_t a = 0; a < p.n_a; ++a) {
+      for (int64_t b = 0; b < p.n_b; ++b) {
+        const int64_t k = (a * C + c) * p.n_b + b;
+        const double count = double(p.rows(s, a) * p.cols(s, b));
+        const double d = s1[k] / count - mu;
+        dev += s2[k] + count * d * d;
+      }
+    }
+    mean[c] = mu;
+    m2[c] = dev;
+  }
+}
+
+template <class T>
+void stats(const BnShape& s, const void* x, double* mean, double* m2) {
+  const Plan p = plan(s);
+  std::vector<double> s1(p.size(s)), s2(p.size(s));
+  partition_stats(s, p, static_cast<const T*>(x), s1.data(), s2.data());
+  merge_stats(s, p, s1.data(), s2.data(), mean, m2);
+}
+
+// Per-channel coefficients, rounded to opmath once, expanded to one per column in the rows walk.
+template <class Op>
+std::vector<Op> per_column(const BnShape& s, bool planar, const double* values) {
+  const int64_t n = planar ? s.channels : s.channels * s.inner;
+  std::vector<Op> out(n);
+  for (int64_t k = 0; k < n; ++k) out[k] = Op(values[planar ? k : k / s.inner]);
+  return out;
+}
+
+// Calls body(begin, length, column) for every run of elements in [0, numel) that shares one
+// segment: a plane (column = its channel, constant over the run) in the planar walk, a row
+// (column = the run's first column, increasing along it) in the rows walk.
+template <class Body>
+void for_each_run(const BnShape& s, bool planar, Body&& body) {
+  const int64_t numel = s.outer * s.channels * s.inner;
+  const int64_t width = planar ? s.inner : s.channels * s.inner;
+  parallel_items(s, (numel + kChunk - 1) / kChunk, [&](int64_t item) {
+    const int64_t end = std::min(numel, (item + 1) * kChunk);
+    for (int64_t e = item * kChunk; e < end;) {
+      const int64_t segment = e / width, offset = e % width;
+      const int64_t length = std::min(end - e, width - offset);
+      body(e, length, planar ? segment % s.channels : offset);
+      e += length;
+    }
+  });
+}
+
+template <class Op>
+inline Op affine_relu(Op v, bool relu) { return relu && v < Op(0) ? Op(0) : v; }  // NaN stays NaN
+
+template <class T, bool kRelu>
+void normalize_typed(const BnShape& s, const T* x, T* y, const double* scale, const double* shift) {
+  using Op = OpMath<T>;
+  const bool planar = plan(s).planar;
+  const std::vector<Op> a = per_column<Op>(s, planar, scale), b = per_column<Op>(s, planar, shift);
+  for_each_run(s, planar, [&](int64_t e, int64_t n, int64_t col) {
+    const T* in = x + e;
+    T* out = y + e;
+    if (planar) {
+      const Op sa = a[col], sb = b[col];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) store(out + j, affine_relu(load(in + j) * sa + sb, kRelu));
+    } else {
+      const Op* pa = a.data() + col;
+      const Op* pb = b.data() + col;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) store(out + j, affine_relu(load(in + j) * pa[j] + pb[j], kRelu));
+    }
+  });
+}
+
+template <class T>
+void normalize(const BnShape& s, const void* x, void* y, const double* scale, const double* shift, bool relu) {
+  if (relu) return normalize_typed<T, true>(s, static_cast<const T*>(x), static_cast<T*>(y), scale, shift);
+  normalize_typed<T, false>(s, static_cast<const T*>(x), static_cast<T*>(y), scale, shift);
+}
+
+// dy, masked by the forward's ReLU when there is one: x * scale + shift rounds as in forward.
+template <class Op, bool kRelu>
+inline Op masked(Op dy, Op x, Op scale, Op shift) {
+  if constexpr (kRelu) return x * scale + shift > Op(0) ? dy : Op(0);
+  return dy;
+}
+
+// Per-channel sum dy and sum dy * (x - mean), over the same partitions as the statistics.
+template <class T, bool kRelu>
+void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* mean, const double* scale,
+                     const double* shift, double* sum_dy, double* sum_dy_xmu) {
+  using Op = OpMath<T>;
+  const Plan p = plan(s);
+  const int64_t C = s.channels, I = s.inner, W = C * I;
+  const std::vector<Op> a = per_column<Op>(s, p.planar, scale), b = per_column<Op>(s, p.planar, shift);
+  const std::vector<double> mu = per_column<double>(s, p.planar, mean);
+  std::vector<double> s1(p.size(s)), s2(p.size(s));
+  if (p.planar) {
+    parallel_items(s, p.size(s), [&](int64_t item) {
+      const int64_t pb = item % p.n_b, c = item / p.n_b % C, pa = item / p.n_b / C;
+      const int64_t rows = p.rows(s, pa), cols = p.cols(s, pb);
+      const int64_t start = (pa * p.rows_per_a * C + c) * I + pb * p.cols_per_b;
+      const Op sa = a[c], sb = b[c];
+      const double m = mu[c];
+      Lanes l1 = {}, l2 = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* g = dy + start + r * W;
+        const T* v = x + start + r * W;
+        fold(l1, cols, [&](int64_t j) { return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)); });
+        fold(l2, cols, [&](int64_t j) {
+          return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)) * (double(load(v + j)) - m);
+        });
+      }
+      s1[item] = sum_lanes(l1);
+      s2[item] = sum_lanes(l2);
+    });
+  } else {
+    parallel_items(s, p.n_a, [&](int64_t pa) {
+      double* t1 = s1.data() + pa * W;
+      double* t2 = s2.data() + pa * W;
+      std::fill(t1, t1 + W, 0.0);
+      std::fill(t2, t2 + W, 0.0);
+      for (int64_t r = 0; r < p.rows(s, pa); ++r) {
+        const T* g = dy + (pa * p.rows_per_a + r) * W;
+        const T* v = x + (pa * p.rows_per_a + r) * W;
+#pragma GCC ivdep
+        for (int64_t w = 0; w < W; ++w) {
+          const Op xv = load(v + w);
+          const double gv = double(masked<Op, kRelu>(load(g + w), xv, a[w], b[w]));
+          t1[w] += gv;
+          t2[w] += gv * (double(xv) - mu[w]);
+        }
+      }
+    });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int64_t pa = 0; pa < p.n_a; ++pa) {
+      for (int64_t pb = 0; pb < p.n_b; ++pb) {
+        t1 += s1[(pa * C + c) * p.n_b + pb];
+        t2 += s2[(pa * C + c) * p.n_b + pb];
+      }
+    }
+    sum_dy[c] = t1;
+    sum_dy_xmu[c] = t2;
+  }
+}
+
+template <class T>
+void grad_sums(const BnShape& s, const void* dy, const void* x, const double* mean, const double* scale,
+               const double* shift, bool relu, double* sum_dy, double* sum_dy_xmu) {
+  auto g = static_cast<const T*>(dy);
+  auto v = static_cast<const T*>(x);
+  if (relu) return grad_sums_typed<T, true>(s, g, v, mean, scale, shift, sum_dy, sum_dy_xmu);
+  grad_sums_typed<T, false>(s, g, v, mean, scale, shift, sum_dy, sum_dy_xmu);
+}
+
+// coefficients: [mean, gm, k, g, scale, shift] x C doubles (see the top of this file).
+template <class T, bool kRelu, bool kTraining>
+void grad_input_typed(const BnShape& s, const T* dy, const T* x, T* dx, const double* coefficients) {
+  using Op = OpMath<T>;
+  const int64_t C = s.channels;
+  const bool planar = plan(s).planar;
+  std::vector<Op> k[6];
+  for (int r = 0; r < 6; ++r) k[r] = per_column<Op>(s, planar, coefficients + r * C);
+  for_each_run(s, planar, [&](int64_t e, int64_t n, int64_t col) {
+    const T* g = dy + e;
+    const T* v = x + e;
+    T* out = dx + e;
+    const Op* m = k[0].data() + col;
+    const Op* gm = k[1].data() + col;
+    const Op* kk = k[2].data() + col;
+    const Op* gg = k[3].data() + col;
+    const Op* sa = k[4].data() + col;
+    const Op* sb = k[5].data() + col;
+    auto one = [&](Op dyv, Op xv, Op mv, Op gmv, Op kv, Op gv, Op av, Op bv) {
+      const Op d = masked<Op, kRelu>(dyv, xv, av, bv);
+      if constexpr (kTraining) return ((d - gmv) - (xv - mv) * kv) * gv;
+      return d * gv;
+    };
+    if (planar) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j)
+        store(out + j, one(load(g + j), load(v + j), *m, *gm, *kk, *gg, *sa, *sb));
+    } else {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j)
+        store(out + j, one(load(g + j), load(v + j), m[j], gm[j], kk[j], gg[j], sa[j], sb[j]));
+    }
+  });
+}
+
+template <class T>
+void grad_input(const BnShape& s, const void* dy, const void* x, void* dx, const double* coefficients,
+                bool relu, bool training) {
+  auto g = static_cast<const T*>(dy);
+  auto v = static_cast<const T*>(x);
+  auto out = static_cast<T*>(dx);
+  if (relu && training) return grad_input_typed<T, true, true>(s, g, v, out, coefficients);
+  if (relu) return grad_input_typed<T, true, false>(s, g, v, out, coefficients);
+  if (training) return grad_input_typed<T, false, true>(s, g, v, out, coefficients);
+  grad_input_typed<T, false, false>(s, g, v, out, coefficients);
+}
+
+// --- per-channel steps, in double; P is the parameters' and running stats' storage type ---
+
+template <class P>
+inline double load_or(const void* p, int64_t c, double otherwise) {
+  return p ? double(load(static_cast<const P*>(p) + c)) : otherwise;
+}
+
+// The forward's affine coefficients; backward recomputes them (for the ReLU mask) bit for bit.
+template <class P>
+inline void affine(const void* weight, const void* bias, int64_t c, double mean, double invstd,
+                   double* scale, double* shift) {
+  *scale = load_or<P>(weight, c, 1) * invstd;
+  *shift = load_or<P>(bias, c, 0) - mean * *scale;
+}
+
+// Forward: from `groups` sets of (count, mean, M2) per channel (one per process; none in eval
+// mode, where the running stats are used) to save_mean, save_invstd, scale and shift, and the
+// running stats' update (torch's: momentum blend, unbiased variance).
+template <class P>
+void finalize(const BnFinalize& f) {
+  for (int64_t c = 0; c < f.channels; ++c) {
+    double mean, var;
+    if (f.groups == 0) {
+      mean = load_or<P>(f.running_mean, c, 0);
+      var = load_or<P>(f.running_var, c, 1);
+    } else {
+      double n = 0, total = 0;
+      for (int64_t g = 0; g < f.groups; ++g) {
+        if (f.counts[g] == 0) continue;  // a process with an empty batch has no mean
+        n += f.counts[g];
+        total += f.counts[g] * f.means[g * f.channels + c];
+      }
+      mean = total / n;
+      double dev = 0;
+      for (int64_t g = 0; g < f.groups; ++g) {
+        if (f.counts[g] == 0) continue;
+        const double d = f.means[g * f.channels + c] - mean;
+        dev += f.m2s[g * f.channels + c] + f.counts[g] * d * d;
+      }
+      var = dev / n;
+      if (f.running_mean) {
+        P* rm = static_cast<P*>(f.running_mean) + c;
+        store(rm, OpMath<P>(f.momentum * mean + (1 - f.momentum) * double(load(rm))));
+      }
+      if (f.running_var) {
+        P* rv = static_cast<P*>(f.running_var) + c;
+        store(rv, OpMath<P>(f.momentum * (dev / (n - 1)) + (1 - f.momentum) * double(load(rv))));
+      }
+    }
+    const double invstd = 1 / std::sqrt(var + f.eps);
+    f.save_mean[c] = mean;
+    f.save_invstd[c] = invstd;
+    affine<P>(f.weight, f.bias, c, mean, invstd, f.scale + c, f.shift + c);
+  }
+}
+
+// Backward: dweight and dbias (when wanted) and the grad_input coefficients.
+template <class P>
+void backward_finalize(const BnBackwardFinalize& f) {
+  const int64_t C = f.channels;
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = f.invstd[c];
+    if (f.dweight) store(static_cast<P*>(f.dweight) + c, OpMath<P>(f.sum_dy_xmu[c] * invstd));
+    if (f.dbias) store(static_cast<P*>(f.dbias) + c, OpMath<P>(f.sum_dy[c]));
+    double* out = f.coefficients;
+    out[c] = f.mean[c];
+    out[C + c] = f.training ? f.sum_dy[c] / f.count : 0.0;
+    out[2 * C + c] = f.training ? f.sum_dy_xmu[c] * invstd * invstd / f.count : 0.0;
+    affine<P>(f.weight, f.bias, c, f.mean[c], invstd, out + 4 * C + c, out + 5 * C + c);
+    out[3 * C + c] = out[4 * C + c];  // g = w * invstd is the forward's scale
+  }
+}
+
+}  // namespace batchnorm
+}  // namespace PYFUSED_ISA
+}  // namespace pyfused
