@@ -26,6 +26,23 @@ struct TensorTable {
   bool store_grads = false;
 };
 
+// One dropout call (csrc/dropout.h): kScale writes x * mask * scale to out (which may be x);
+// kAddResidual writes residual + dropout(x + bias), bias (optional) along the last dimension.
+enum class DropoutOp : int { kScale = 0, kAddResidual = 1 };
+struct DropoutCall {
+  int64_t numel;
+  int64_t group;  // elements per mask draw: 1, or a channel's size
+  uint64_t seed;
+  double p;       // a float's value: the draws are compared in float, as tl.rand's are
+  double scale;   // the kept elements' multiplier, already rounded as torch rounds it
+  const void* x;
+  void* out;
+  const void* residual;
+  const void* bias;
+  int64_t bias_numel;
+  int threads;
+};
+
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
@@ -36,6 +53,7 @@ struct TensorTable {
   void tensor_scalars(Optimizer, DType, const TensorTable&, const double* hyper, double* out); \
   /* the p-th power of the tensors' global norm (row 0 of the table); kind: csrc/norm.h */  \
   double norm_powered_sum(DType, const TensorTable&, int kind, double p);             \
+  void dropout(DropoutOp, DType, const DropoutCall&);                                  \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

@@ -67,3 +67,14 @@ def tensor_scalars(kernel: str, bucket, hyper: tuple, out: int) -> None:
 def isa() -> str:
     """The instruction set the C++ kernels picked for this CPU."""
     return _C.isa()
+
+
+# Must match csrc/kernels.h's DropoutOp.
+DROPOUT_SCALE, DROPOUT_ADD_RESIDUAL = 0, 1
+
+
+def dropout(op: int, dtype_code: int, numel: int, group: int, seed: int, p: float, scale: float,
+            x: int, out: int, residual: int = 0, bias: int = 0, bias_numel: int = 0) -> None:
+    """Dropout of `numel` contiguous elements at address x into out (csrc/dropout.h)."""
+    _C.dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual, bias, bias_numel,
+               torch.get_num_threads())
