@@ -117,6 +117,8 @@ def _check_inplace(t):
 
 def _dropout(input, p, training, inplace, generator, feature):
     """torch's _dropout_impl (aten/src/ATen/native/Dropout.cpp), step for step."""
+    if not 0 <= p <= 1:  # NaN: the Python check lets it through, torch's C++ one does not
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if p == 0 or not training or input.numel() == 0:
         return input
     if inplace:
