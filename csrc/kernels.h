@@ -64,6 +64,23 @@ struct BnBackwardFinalize {
   double* coefficients;      // [6][channels]: mean, gm, k, g, scale, shift
 };
 
+// One dropout call (csrc/dropout.h): kScale writes x * mask * scale to out (which may be x);
+// kAddResidual writes residual + dropout(x + bias), bias (optional) along the last dimension.
+enum class DropoutOp : int { kScale = 0, kAddResidual = 1 };
+struct DropoutCall {
+  int64_t numel;
+  int64_t group;  // elements per mask draw: 1, or a channel's size
+  uint64_t seed;
+  double p;       // a float's value: the draws are compared in float, as tl.rand's are
+  double scale;   // the kept elements' multiplier, already rounded as torch rounds it
+  const void* x;
+  void* out;
+  const void* residual;
+  const void* bias;
+  int64_t bias_numel;
+  int threads;
+};
+
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
@@ -85,6 +102,7 @@ struct BnBackwardFinalize {
                      const double* coefficients, bool relu, bool training);            \
   void bn_finalize(DType param, const BnFinalize&);                                    \
   void bn_backward_finalize(DType param, const BnBackwardFinalize&);                   \
+  void dropout(DropoutOp, DType, const DropoutCall&);                                  \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

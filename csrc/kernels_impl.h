@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "batchnorm.h"
+#include "dropout.h"
 #include "kernels.h"
 #include "norm.h"
 #include "optimizers.h"
@@ -81,6 +82,15 @@ double norm_powered_sum(DType dtype, const TensorTable& table, int kind, double 
     case DType::kBFloat16: return powered_sum_of_kind<BFloat16>(table, NormKind(kind), p);
   }
   return 0;
+}
+
+void dropout(DropoutOp op, DType dtype, const DropoutCall& call) {
+  switch (dtype) {
+    case DType::kFloat32: return dropout_for_type<float>(op, call);
+    case DType::kFloat64: return dropout_for_type<double>(op, call);
+    case DType::kFloat16: return dropout_for_type<Half>(op, call);
+    case DType::kBFloat16: return dropout_for_type<BFloat16>(op, call);
+  }
 }
 
 void tensor_scalars(Optimizer optimizer, DType dtype, const TensorTable& table, const double* hyper,

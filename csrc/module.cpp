@@ -29,12 +29,14 @@ struct Isa {
   void (*bn_grad_input)(DType, const BnShape&, const void*, const void*, void*, const double*, bool, bool);
   void (*bn_finalize)(DType, const BnFinalize&);
   void (*bn_backward_finalize)(DType, const BnBackwardFinalize&);
+  void (*dropout)(DropoutOp, DType, const DropoutCall&);
 };
 
 #define PYFUSED_ISA_ENTRY(isa) \
   Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars, \
       isa::norm_powered_sum, isa::bn_stats, isa::bn_normalize, isa::bn_grad_sums, isa::bn_grad_input, \
-      isa::bn_finalize, isa::bn_backward_finalize}
+      isa::bn_finalize, isa::bn_backward_finalize, \
+      isa::dropout}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
 Isa pick_isa() {
@@ -190,6 +192,20 @@ void bn_backward_finalize(int param_dtype, int64_t channels, double count, bool 
   isa().bn_backward_finalize(checked_dtype(param_dtype), f);
 }
 
+void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, double p,
+             double scale, uintptr_t x, uintptr_t out, uintptr_t residual, uintptr_t bias,
+             int64_t bias_numel, int threads) {
+  if (op < 0 || op > int(DropoutOp::kAddResidual)) throw py::value_error("unknown dropout op");
+  if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
+  if (numel < 0 || group < 1 || (bias != 0 && bias_numel < 1)) throw py::value_error("bad dropout sizes");
+  if (op == int(DropoutOp::kAddResidual) && group != 1) throw py::value_error("dropout_add drops elements, not channels");
+  DropoutCall call{numel, group, seed, p, scale,
+                   address<void>(x), reinterpret_cast<void*>(out), address<void>(residual),
+                   bias != 0 ? address<void>(bias) : nullptr, bias_numel, threads < 1 ? 1 : threads};
+  py::gil_scoped_release no_gil;
+  isa().dropout(DropoutOp(op), DType(dtype), call);
+}
+
 }  // namespace
 }  // namespace pyfused
 
@@ -212,6 +228,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hyper"), py::arg("out"),
         "Advances the step counters like optimizer_step and writes each tensor's scalars, as\n"
         "doubles, scalars_per_tensor(optimizer) per tensor, to the buffer at out.");
+  m.def("dropout", &pyfused::dropout, py::arg("op"), py::arg("dtype"), py::arg("numel"),
+        py::arg("group"), py::arg("seed"), py::arg("p"), py::arg("scale"), py::arg("x"),
+        py::arg("out"), py::arg("residual"), py::arg("bias"), py::arg("bias_numel"),
+        py::arg("threads"),
+        "Dropout of numel contiguous elements at x into out (csrc/dropout.h): element i is kept\n"
+        "iff tl.rand(seed, i // group) > p, and then multiplied by scale. op 1 adds the residual\n"
+        "(and bias, along the last dimension, if not 0) as residual + dropout(x + bias).");
   m.def("scalars_per_tensor", [](int optimizer) {
     return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
   });

@@ -128,3 +128,14 @@ def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
     _C.bn_grad_input(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
                      coefficients.data_ptr(), relu, training, torch.get_num_threads())
     return dx
+
+
+# Must match csrc/kernels.h's DropoutOp.
+DROPOUT_SCALE, DROPOUT_ADD_RESIDUAL = 0, 1
+
+
+def dropout(op: int, dtype_code: int, numel: int, group: int, seed: int, p: float, scale: float,
+            x: int, out: int, residual: int = 0, bias: int = 0, bias_numel: int = 0) -> None:
+    """Dropout of `numel` contiguous elements at address x into out (csrc/dropout.h)."""
+    _C.dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual, bias, bias_numel,
+               torch.get_num_threads())

@@ -268,3 +268,38 @@ def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
         _bn_storage(dy)[0], xv, _bn_storage(dx)[0], coefficients, x.numel(), shape[1], shape[2], BF16=bf16,
         OP=op, RELU=relu, TRAINING=training, BLOCK=_BN_BLOCK, enable_fp_fusion=False)
     return dx
+
+
+@functools.cache
+def _dropout_kernels():
+    from pyfused.kernels import dropout
+
+    return dropout
+
+
+_DROPOUT_BLOCK = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+_dropout_params = {}  # (p, scale, device) -> float64 [p, scale] on the device, uploaded once
+
+
+def dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual=None, bias=None):
+    """kernels/dropout.py on contiguous tensors: seed is a one-element int64 device tensor; p
+    (a float32 value) and scale as csrc/kernels.h's DropoutCall takes them."""
+    if numel == 0:
+        return
+    types, _, _, _ = _kernels()
+    key = (p, scale, x.device)
+    params = _dropout_params.get(key)
+    if params is None:
+        params = _dropout_params[key] = torch.tensor([p, scale], dtype=torch.float64, device=x.device)
+    storage, opmath = types[dtype_code]
+    if dtype_code == 3:  # bfloat16 travels as raw bits
+        x, out = x.view(torch.uint16), out.view(torch.uint16)
+        residual = residual.view(torch.uint16) if residual is not None else None
+        bias = bias.view(torch.uint16) if bias is not None else None
+    _dropout_kernels().dropout_kernel[((numel + _DROPOUT_BLOCK - 1) // _DROPOUT_BLOCK,)](
+        x, out, x if residual is None else residual, x if bias is None else bias, seed, params,
+        numel, group, 1 if bias is None else bias.numel(),
+        STORAGE=storage, BF16=dtype_code == 3, OP=opmath, GROUPED=group != 1,
+        ADD_RESIDUAL=op == _cpp.DROPOUT_ADD_RESIDUAL, BIAS=bias is not None, BLOCK=_DROPOUT_BLOCK,
+        enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
+    )

@@ -1,0 +1,223 @@
+// Dropout without a stored mask: element i is kept iff tl.rand(seed, i / group) > p, where
+// tl.rand is Triton's: Philox-4x32-10 on the counter (lo, hi, 0, 0) of the 64-bit offset, keyed by
+// the 64-bit seed (lo, hi), whose first word becomes a float in [0, 1). The mask is a pure function
+// of (seed, index), so backward recomputes it, and every backend, thread count and chunking gives
+// the same one. group is 1 for dropout and a channel's size for Dropout1d/2d/3d.
+//
+// Kept elements are multiplied by scale (1/(1-p), rounded as torch rounds it for the dtype),
+// dropped ones by 0, like torch's input * noise (so a dropped inf or NaN gives NaN, as in torch).
+//
+// Philox runs on vectors of 64-bit lanes, each holding one 32-bit word in its low half: a 32x32
+// multiply is then one pmuludq whose product gives both halves, and the high halves never need
+// clearing (products read only low halves, and the result is truncated).
+#pragma once
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace pyfused {
+namespace PYFUSED_ISA {
+
+#define PYFUSED_NAME(isa) #isa
+#define PYFUSED_NAME_OF(isa) PYFUSED_NAME(isa)
+constexpr bool same_name(const char* a, const char* b) {
+  return *a == *b && (*a == '\0' || same_name(a + 1, b + 1));
+}
+// The vector width of this build (csrc/isa_*.cpp): GCC's target pragma sets no __AVX2__ macro.
+constexpr int kPhiloxBytes = same_name(PYFUSED_NAME_OF(PYFUSED_ISA), "avx512") ? 64
+                             : same_name(PYFUSED_NAME_OF(PYFUSED_ISA), "avx2") ? 32 : 16;
+#undef PYFUSED_NAME_OF
+#undef PYFUSED_NAME
+
+typedef uint64_t PhiloxLanes __attribute__((vector_size(kPhiloxBytes)));
+constexpr int kPhiloxWidth = kPhiloxBytes / 8;
+
+// The full product of the lanes' low halves. GCC 12 does not see that in (a & m) * (b & m), and
+// emulates a 64-bit multiply instead: hence the intrinsics (only the one this build runs is
+// instantiated, so the baseline build never meets an AVX instruction).
+template <int kBytes = kPhiloxBytes>
+inline PhiloxLanes mul_low_halves(PhiloxLanes a, PhiloxLanes b) {
+#if defined(__x86_64__)
+  if constexpr (kBytes == 64) return (PhiloxLanes)_mm512_mul_epu32((__m512i)a, (__m512i)b);
+  if constexpr (kBytes == 32) return (PhiloxLanes)_mm256_mul_epu32((__m256i)a, (__m256i)b);
+  if constexpr (kBytes == 16) return (PhiloxLanes)_mm_mul_epu32((__m128i)a, (__m128i)b);
+#endif
+  return (a & 0xffffffffu) * (b & 0xffffffffu);
+}
+
+constexpr int kPhiloxRounds = 10;
+
+// Triton's philox_impl for 32-bit words, its round keys computed once per call.
+struct PhiloxKey {
+  uint64_t k0[kPhiloxRounds], k1[kPhiloxRounds];
+  explicit PhiloxKey(uint64_t seed) {
+    uint32_t a = uint32_t(seed), b = uint32_t(seed >> 32);
+    for (int r = 0; r < kPhiloxRounds; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = a;
+      k1[r] = b;
+    }
+  }
+};
+
+// The first output word of Philox-4x32-10 for counters (c0, c1, 0, 0), in the lanes' low halves.
+inline PhiloxLanes philox_first_word(const PhiloxKey& key, PhiloxLanes c0, PhiloxLanes c1) {
+  const PhiloxLanes round_a = PhiloxLanes{} + 0xD2511F53u, round_b = PhiloxLanes{} + 0xCD9E8D57u;
+  // Round 0 with c2 = c3 = 0: round_b's product is 0.
+  PhiloxLanes p1 = mul_low_halves(round_a, c0);
+  c0 = c1 ^ key.k0[0];
+  PhiloxLanes c2 = (p1 >> 32) ^ key.k1[0];
+  c1 = PhiloxLanes{};
+  PhiloxLanes c3 = p1;
+  for (int r = 1; r < kPhiloxRounds; ++r) {
+    PhiloxLanes p0 = mul_low_halves(round_b, c2);
+    p1 = mul_low_halves(round_a, c0);
+    c0 = (p0 >> 32) ^ c1 ^ key.k0[r];
+    c2 = (p1 >> 32) ^ c3 ^ key.k1[r];
+    c1 = p0;
+    c3 = p1;
+  }
+  return c0;
+}
+
+// Triton's uint_to_uniform_float for 32-bit words.
+inline float uniform(uint32_t word) {
+  int32_t x = int32_t(word);
+  x = x < 0 ? ~x : x;
+  return float(x) * 4.6566127342e-10f;
+}
+
+constexpr int kMaskBlock = 64;                // mask draws computed together
+constexpr int64_t kDropoutChunk = 1 << 14;    // elements per unit of work
+
+template <class Op>
+struct Mask {
+  PhiloxKey key;
+  float p;
+  Op scale;
+
+  // m[j] = scale if draw first + j is kept, else 0.
+  void multipliers(uint64_t first, Op* m) const {
+    PhiloxLanes lane;
+    for (int l = 0; l < kPhiloxWidth; ++l) lane[l] = uint64_t(l);
+    uint32_t words[kMaskBlock];
+    for (int v = 0; v < kMaskBlock; v += kPhiloxWidth) {
+      PhiloxLanes counter = (first + uint64_t(v)) + lane;
+      PhiloxLanes word = philox_first_word(key, counter, counter >> 32);
+      for (int l = 0; l < kPhiloxWidth; ++l) words[v + l] = uint32_t(word[l]);
+    }
+    // In locals: m could alias the members, which would keep this loop scalar and branchy.
+    const float threshold = p;
+    const Op kept = scale;
+    for (int j = 0; j < kMaskBlock; ++j) m[j] = uniform(words[j]) > threshold ? kept : Op(0);
+  }
+};
+
+// Rounds an opmath value to the storage type and back (what torch's op-by-op 16-bit math does).
+template <class T>
+inline OpMath<T> rounded(OpMath<T> v) {
+  T t;
+  store(&t, v);
+  return load(&t);
+}
+
+// The per-element math: span<kPerElement>(begin, length, m) handles elements [begin, begin +
+// length), multiplying element begin + j by m[j] (kPerElement) or by m[0] (a channel's, only
+// where kChannels).
+template <class T>
+struct Scale {
+  static constexpr bool kChannels = true;
+  const T* x;
+  T* out;
+  template <bool kPerElement>
+  void span(int64_t begin, int64_t length, const OpMath<T>* m) const {
+    const T* in = x + begin;
+    T* to = out + begin;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < length; ++j) store(to + j, load(in + j) * m[kPerElement ? j : 0]);
+  }
+};
+
+// residual + dropout(x + bias), rounded after each op as torch's unfused expression rounds it.
+template <class T, bool kBias>
+struct AddResidual {
+  static constexpr bool kChannels = false;
+  const T* x;
+  const T* residual;
+  const T* bias;
+  int64_t bias_numel;  // bias is added along the last dimension
+  T* out;
+  template <bool kPerElement>
+  void span(int64_t begin, int64_t length, const OpMath<T>* m) const {
+    static_assert(kPerElement, "dropout_add drops elements, not channels");
+    for (int64_t done = 0; done < length;) {
+      // Pieces that stay within one row of bias.
+      const int64_t column = kBias ? (begin + done) % bias_numel : 0;
+      const int64_t piece = kBias ? std::min(length - done, bias_numel - column) : length;
+      const int64_t at = begin + done;
+      const T* b = bias + column;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < piece; ++j) {
+        OpMath<T> v = load(x + at + j);
+        if constexpr (kBias) v = rounded<T>(v + load(b + j));
+        store(out + at + j, load(residual + at + j) + rounded<T>(v * m[done + j]));
+      }
+      done += piece;
+    }
+  }
+};
+
+// Runs math over every element, the mask draws made kMaskBlock at a time, in fixed chunks handed
+// out to call.threads threads.
+template <class T, class Math>
+void dropout_apply(const DropoutCall& call, const Math& math) {
+  using Op = OpMath<T>;
+  const Mask<Op> mask{PhiloxKey(call.seed), float(call.p), Op(call.scale)};
+  const int64_t n = call.numel, group = call.group;
+  const int64_t n_chunks = (n + kDropoutChunk - 1) / kDropoutChunk;
+  std::atomic<int64_t> next_chunk{0};
+  parallel_run(int(std::min<int64_t>(call.threads, n_chunks)), [&](int) {
+    Op m[kMaskBlock];
+    for (int64_t c; (c = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+      const int64_t lo = c * kDropoutChunk, hi = std::min(lo + kDropoutChunk, n);
+      if (group == 1) {
+        for (int64_t first = lo; first < hi; first += kMaskBlock) {
+          mask.multipliers(uint64_t(first), m);
+          math.template span<true>(first, std::min<int64_t>(kMaskBlock, hi - first), m);
+        }
+      } else if constexpr (Math::kChannels) {
+        // One draw per channel, for the channels that overlap this chunk.
+        const int64_t last_channel = (hi - 1) / group;
+        for (int64_t first = lo / group; first <= last_channel; first += kMaskBlock) {
+          mask.multipliers(uint64_t(first), m);
+          for (int64_t ch = first; ch <= std::min(last_channel, first + kMaskBlock - 1); ++ch) {
+            const int64_t begin = std::max(lo, ch * group), end = std::min(hi, (ch + 1) * group);
+            math.template span<false>(begin, end - begin, m + (ch - first));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void dropout_for_type(DropoutOp op, const DropoutCall& call) {
+  const T* x = static_cast<const T*>(call.x);
+  T* out = static_cast<T*>(call.out);
+  if (op == DropoutOp::kScale) return dropout_apply<T>(call, Scale<T>{x, out});
+  const T* residual = static_cast<const T*>(call.residual);
+  const T* bias = static_cast<const T*>(call.bias);
+  if (bias == nullptr) return dropout_apply<T>(call, AddResidual<T, false>{x, residual, bias, 0, out});
+  dropout_apply<T>(call, AddResidual<T, true>{x, residual, bias, call.bias_numel, out});
+}
+
+}  // namespace PYFUSED_ISA
+}  // namespace pyfused
