@@ -49,8 +49,10 @@ def test_cli_passes_then_fails_when_the_kernels_are_perturbed(tmp_path):
     assert all(r["err_over_tol"] == "inf" or r["err_over_tol"] > 1 for r in data["results"] if r["status"] == "FAIL")
 
 
-# 16-bit: a quarter of an ulp moves only some roundings, caught by the share of elements that
-# may differ (2%) in these cases, not in every one.
+# 16-bit: at lr 1e-3 (the tables' value) an update is below half an ulp of a bf16 or fp16 param
+# for most elements, so a 1e-3 error in lr moves almost no rounding; a 3% error moves enough of
+# them past the share of elements that may differ (2%). fp32 cases catch 1e-3.
+PERTURB_16BIT = 3e-2
 OPTIM_CASES = [("SGD-nesterov_wd_maximize", "fp32"), ("Adagrad-plain", "fp32"), ("RMSprop-all", "fp32"),
                ("Adam-amsgrad_wd_maximize", "fp32"), ("Adam-plain", "bf16"), ("Adam-plain", "fp16")]
 
@@ -65,7 +67,7 @@ def test_optimizer_cases_fail_when_perturbed(item):
     result = check.run_check("optim", "cpp", item)
     assert result.status == "PASS", result.note
     assert 0 <= result.err_over_tol <= 1 and result.rtol is not None
-    with check._perturbed(PERTURB):
+    with check._perturbed(PERTURB_16BIT if item.dtype in ("bf16", "fp16") else PERTURB):
         result = check.run_check("optim", "cpp", item)
     assert result.status == "FAIL", result
     assert "not close" in result.note or "differ from the reference" in result.note
@@ -83,12 +85,12 @@ def test_fused_clipping_fails_when_perturbed():
 
 
 def test_known_issues_are_reported_with_their_reason():
-    xfail, skip = optim_checks([("Adam-tensor_lr", "fp64"), ("RMSprop-centered_momentum_small_alpha", "fp32")],
-                               quick=False)
-    result = check.run_check("optim", "cpp", xfail)
+    tensor_lr, sqrt_ulp = optim_checks([("Adam-tensor_lr", "fp64"), ("RMSprop-maximize_weight_decay", "complex64")],
+                                       quick=False)
+    result = check.run_check("optim", "cpp", tensor_lr)
     assert result.status == "XFAIL" and "double" in result.note
-    result = check.run_check("optim", "cpp", skip)
-    assert result.status == "SKIP" and result.max_abs is None and "ill-conditioned" in result.note
+    result = check.run_check("optim", "cpp", sqrt_ulp)
+    assert result.status == "XFAIL" and "sqrt" in result.note
 
 
 def test_a_crash_is_an_error_not_a_pass():
