@@ -9,6 +9,8 @@ from the run's rows and returns their paths.
 FAMILIES = {
     "optim": "optim",  # pyfused.optim vs torch.optim's for-loop, foreach, fused
     "clip": "clip",  # global norm, clip + AdamW
+    "dropout": "dropout",  # F.dropout, dropout_add vs torch
+    "batchnorm": "batchnorm",  # BatchNorm, BatchNormReLU vs torch
     "e2e": "e2e",  # small CNN and MLP trained with torch's vs pyfused's components
     "trajectories": "trajectories",  # the optimizers' paths on 2-D test functions (a picture, untimed)
 }

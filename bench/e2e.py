@@ -29,6 +29,7 @@ PYFUSED = {
     torch.optim.SGD: pyfused.optim.SGD,
     torch.optim.AdamW: pyfused.optim.AdamW,
     torch.nn.utils.clip_grad_norm_: pyfused.nn.utils.clip_grad_norm_,
+    torch.nn.BatchNorm2d: pyfused.nn.BatchNorm2d,
 }
 # The losses of the two paths may differ by this, relative, at every step: the optimizers round
 # like torch's for-loop up to the last bit (FMA contraction aside), and ~1e-7 per-step differences
