@@ -22,7 +22,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     measured = [r for r in rows if r["kind"] == "measurement"]
-    assert {r["family"] for r in measured} == {"optim", "clip", "e2e"}
+    assert {r["family"] for r in measured} == {"optim", "clip", "dropout", "batchnorm", "e2e"}
     assert {r["probe"] for r in rows if r["kind"] == "probe"} == {"copy", "read-sum", "read-dot"}
     ours = [r for r in measured if r["impl"] == r["ours"]]
     assert ours and all(r["status"] == "ok" for r in ours), [r["error"] for r in ours if r["status"] != "ok"]
@@ -30,7 +30,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert len(checks) > len(measured) / 2 and set(checks) == {"ok"}
     assert all(r["machine"]["git"] and r["machine"]["torch"] == torch.__version__ for r in rows)
     text = (tmp_path / "bench.txt").read_text()
-    for title in ("optimizer step, fp32", "global 2-norm, one thread, in cache", "clip_grad_norm_ + AdamW step"):
+    for title in ("optimizer step, fp32", "global 2-norm, one thread, in cache", "clip_grad_norm_ + AdamW step",
+                  "dropout p=0.5, fp32, forward + backward", "BatchNorm + ReLU, training forward + backward, fp32"):
         assert title in text
     for name in PNGS:
         assert (tmp_path / name).stat().st_size > 10_000, name
