@@ -245,9 +245,10 @@ class _DropoutAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        grad_x = _MaskedScale.apply(grad, seed, ctx.p, 1, False)
-        grad_bias = grad_x.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
-        return grad_x, grad, grad_bias, None, None
+        needs_x, _, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = _MaskedScale.apply(grad, seed, ctx.p, 1, False) if needs_x or needs_bias else None
+        grad_bias = grad_x.sum_to_size(ctx.bias_shape) if needs_bias else None
+        return grad_x if needs_x else None, grad, grad_bias, None, None
 
 
 def _fuses_with(x, residual, bias):
