@@ -7,12 +7,7 @@ result differs only in how the double partials are grouped: exact for +-inf, and
 accumulation tolerance of tests/test_clip_grad_norm.py otherwise.
 """
 
-import datetime
 import math
-import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
@@ -23,8 +18,7 @@ if not dist.is_available():
 if not dist.is_gloo_available():
     pytest.skip("torch.distributed has no gloo backend in this build of torch", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
+import _gloo  # noqa: E402
 import pyfused  # noqa: E402
 from pyfused.nn.utils import clip_grad_norm_, get_total_norm  # noqa: E402
 
@@ -58,58 +52,18 @@ def reference(tensors, p):
     return torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]), p)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, body, out_dir, collective_timeout):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-            timeout=datetime.timedelta(seconds=collective_timeout),
-        )
-        result = globals()[body](rank)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    except BaseException:  # the parent reports it
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_ranks(body, tmp_path, collective_timeout=COLLECTIVE_TIMEOUT_S):
-    """Runs the module-level function `body(rank)` on WORLD_SIZE processes; returns the results."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, body, str(tmp_path), collective_timeout))
-             for r in range(WORLD_SIZE)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + TEST_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    errors = [(tmp_path / f"{r}.err").read_text() for r in range(WORLD_SIZE) if (tmp_path / f"{r}.err").exists()]
-    if errors:
-        raise AssertionError("\n".join(f"a rank failed:\n{e}" for e in errors))
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {TEST_TIMEOUT_S} s")
-    missing = [(r, procs[r].exitcode) for r in range(WORLD_SIZE) if not (tmp_path / f"{r}.pt").exists()]
-    assert not missing, f"ranks (rank, exit code) {missing} returned no result"
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD_SIZE)]
+    """Runs the module-level function `body(rank, work_dir)` on WORLD_SIZE processes (tests/_gloo.py);
+    returns the ranks' results."""
+    results = _gloo.run_ranks("test_distributed", [body], tmp_path, world_size=WORLD_SIZE,
+                              timeout_s=TEST_TIMEOUT_S, collective_timeout_s=collective_timeout)
+    return _gloo.result_of(results, body)
 
 
 # --- bodies, run on each rank ---------------------------------------------------------------
 
 
-def _norms_and_clipping(rank):
+def _norms_and_clipping(rank, work_dir):
     group = dist.new_group(list(range(WORLD_SIZE)))  # any process group, not only WORLD
     grads = shard(full_grads(), rank)
     out = {}
@@ -125,7 +79,7 @@ def _norms_and_clipping(rank):
     return out
 
 
-def _rank_without_grads_and_fused_clipping(rank):
+def _rank_without_grads_and_fused_clipping(rank, work_dir):
     out = {}
     # Rank 1 holds no grads at all: it contributes the identity (0, or inf for p = -inf).
     grads = shard(full_grads(), rank) if rank == 0 else []
@@ -147,7 +101,7 @@ def _rank_without_grads_and_fused_clipping(rank):
     return out
 
 
-def _empty_shard_with_inf_norm(rank):
+def _empty_shard_with_inf_norm(rank, work_dir):
     # FSDP/ZeRO shards can be empty: here each rank holds an empty piece of one tensor.
     full = full_grads()
     grads = shard(full, rank) + [full[1][:0] if rank == 0 else full[0][7:]]

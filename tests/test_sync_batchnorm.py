@@ -8,12 +8,6 @@ the two ranks' (count, mean, M2) in double instead of all partitions at once, wh
 tests/test_batchnorm.py.
 """
 
-import datetime
-import os
-import socket
-import time
-import traceback
-
 import pytest
 import torch
 
@@ -21,8 +15,7 @@ dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed has no gloo backend in this build of torch", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
+from _gloo import result_of, run_ranks  # noqa: E402
 from pyfused import nn as pnn  # noqa: E402
 
 WORLD_SIZE = 2
@@ -31,12 +24,6 @@ TOL = 1e-5
 SHAPE = (7, 5, 6, 6)  # rank 0 takes 4 samples, rank 1 takes 3
 CUT = 4
 STEPS = 3
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batches(cl, relu):
@@ -76,21 +63,30 @@ def steps(module, data, piece):
     return results
 
 
-def _worker(rank, port, out_dir, cl, relu):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=20))
-        module = pnn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(make_module(relu)))[0]
-        assert isinstance(module, pnn.SyncBatchNorm)
-        piece = slice(0, CUT) if rank == 0 else slice(CUT, None)
-        torch.save(steps(module, batches(cl, relu), piece), os.path.join(out_dir, f"{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _ranks_part(rank, cl, relu):
+    module = pnn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(make_module(relu)))[0]
+    assert isinstance(module, pnn.SyncBatchNorm)
+    piece = slice(0, CUT) if rank == 0 else slice(CUT, None)
+    return steps(module, batches(cl, relu), piece)
+
+
+def _contiguous_bn(rank, out_dir):
+    return _ranks_part(rank, cl=False, relu=False)
+
+
+def _channels_last_bn_relu(rank, out_dir):
+    return _ranks_part(rank, cl=True, relu=True)
+
+
+CASES = {"contiguous-bn": ("_contiguous_bn", False, False),
+         "channels-last-bn-relu": ("_channels_last_bn_relu", True, True)}
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    """Both cases on one pair of gloo processes."""
+    return run_ranks("test_sync_batchnorm", [body for body, _, _ in CASES.values()],
+                     tmp_path_factory.mktemp("sync_batchnorm"), world_size=WORLD_SIZE, timeout_s=TEST_TIMEOUT_S)
 
 
 def close(actual, expected, what):
@@ -99,24 +95,10 @@ def close(actual, expected, what):
     assert err <= TOL * scale, f"{what}: {err:.3g} > {TOL} * {scale:.3g}"
 
 
-@pytest.mark.parametrize("cl,relu", [(False, False), (True, True)], ids=["contiguous-bn", "channels-last-bn-relu"])
-def test_two_gloo_ranks_equal_one_process(tmp_path, cl, relu):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), cl, relu)) for r in range(WORLD_SIZE)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + TEST_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = [(tmp_path / f"{r}.err").read_text() for r in range(WORLD_SIZE) if (tmp_path / f"{r}.err").exists()]
-    assert not errors, "\n".join(errors)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD_SIZE)]
-
+@pytest.mark.parametrize("case", CASES)
+def test_two_gloo_ranks_equal_one_process(gloo_results, case):
+    body, cl, relu = CASES[case]
+    ranks = result_of(gloo_results, body)
     reference = (torch.nn.BatchNorm2d(SHAPE[1], momentum=None if relu else 0.1))
     reference.load_state_dict(make_module(relu).state_dict())
     data = batches(cl, relu)
