@@ -1,6 +1,7 @@
 """pyfused's dropout (C++ backend and the Python layer) against torch and an independent Philox.
 
-The reference mask comes from `philox_rand`, a plain numpy Philox-4x32-10 written from Triton's
+The reference mask and the case table come from pyfused/check/dropout_cases.py (shared with
+pyfused-check): `philox_rand`, a plain numpy Philox-4x32-10 written from Triton's
 language/random.py (tests/triton/test_dropout.py checks it against the real tl.rand), never from
 the kernels under test. Every comparison is exact: dropout multiplies by one rounded scale, so
 there is no tolerance to state.
@@ -11,67 +12,14 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import pyfused
 from pyfused import _cpp
+from pyfused.check.dropout_cases import (DTYPES, FRACTION_N, FRACTION_PS, FRACTION_SEEDS, MASK_PS, SIZES,
+                                        assert_same_bits, bits, drawn_seed, expected, fraction_bound, generator)
 from pyfused.nn import functional as F
-
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-SIZES = [1, 7, 64 * 1024 + 3]
-
-
-def philox_rand(seed, offsets):
-    """tl.rand(seed, offsets): Philox-4x32-10 on the counter (lo, hi, 0, 0) of each int64 offset,
-    keyed by the seed's (lo, hi) words; the first word, read as int32, folded to >= 0 and
-    multiplied by 4.6566127342e-10 in float32."""
-    offsets = np.asarray(offsets, dtype=np.uint64)
-    low = np.uint64(0xFFFFFFFF)
-    c0, c1 = offsets & low, offsets >> np.uint64(32)
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for _ in range(10):
-        p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0
-        c0, c1 = (p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & low
-        c2, c3 = (p1 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p1 & low
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    x = c0.astype(np.uint32).view(np.int32)
-    return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
-
-
-def generator(seed=1234):
-    return torch.Generator().manual_seed(seed)
-
-
-def drawn_seed(seed=1234):
-    """The seed pyfused draws from generator(seed): one int64 random_()."""
-    return torch.empty(1, dtype=torch.int64).random_(generator=generator(seed)).item()
-
-
-def torch_scale(p, dtype):
-    """What torch's CPU dropout multiplies kept elements by: its noise.div_(1 - p)."""
-    return torch.ones((), dtype=dtype).div_(1 - p)
-
-
-def expected(x, p, seed, group=1):
-    """x * mask * scale with the reference mask, in torch's arithmetic for the dtype."""
-    draws = np.arange(x.numel()) // group
-    keep = torch.from_numpy(philox_rand(seed, draws) > np.float32(p)).view(x.shape)
-    return x * torch.where(keep, torch_scale(p, x.dtype), torch.zeros((), dtype=x.dtype))
-
-
-def bits(t):
-    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def assert_same_bits(a, b):
-    """Equal bits, except a NaN's: torch's own 16-bit paths disagree on those (0x7fc0 or 0xffff)."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(a.isnan(), b.isnan())
-    same = (bits(a) == bits(b)) | a.isnan()
-    assert same.all(), f"{(~same).sum().item()} elements differ"
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +30,7 @@ def _cpp_backend():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1e-7, 1 - 1e-7, 0.15])  # 0.15: 1/float32(0.85) != float32(1/0.85)
+@pytest.mark.parametrize("p", MASK_PS)
 def test_mask_and_values_match_the_reference(dtype, n, p):
     x = torch.randn(n, dtype=torch.float64).to(dtype)
     x[0] = float("inf")  # torch's input * noise: a dropped inf is NaN, a kept one inf
@@ -100,12 +48,12 @@ def test_kept_elements_equal_torchs_own_dropout(dtype, p):
     assert_same_bits(ours[both], theirs[both])
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("p", FRACTION_PS)
 def test_dropped_fraction_within_5_sigma(p):
-    n = 1 << 18
-    for seed in (1, 2, 3):
+    n = FRACTION_N
+    for seed in FRACTION_SEEDS:
         dropped = (F.dropout(torch.ones(n), p, generator=generator(seed)) == 0).sum().item()
-        assert abs(dropped - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+        assert abs(dropped - n * p) < fraction_bound(n, p)
 
 
 def test_backward_is_grad_times_mask_and_scale():

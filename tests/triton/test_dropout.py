@@ -1,11 +1,9 @@
-"""The Triton dropout kernel: tl.rand against the test's own Philox, and bit for bit against
+"""The Triton dropout kernel: tl.rand against the reference Philox (pyfused/check/dropout_cases.py,
+shared with tests/test_dropout.py and pyfused-check), and bit for bit against
 the C++ kernel for the same seed (every dtype, dropout, dropout_add, channel dropout).
 
 On a CUDA machine the kernels run compiled on the GPU, otherwise under the interpreter.
 """
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,18 +12,12 @@ import triton
 import triton.language as tl
 
 import pyfused
+from pyfused.check.dropout_cases import CROSS_BACKEND_PS, DTYPES, SIZES, assert_same_bits, philox_rand
 from pyfused.nn import dropout as D
 from triton_suite import DEVICE
 
-# The reference Philox and comparisons of tests/test_dropout.py (a module of the same name).
-_spec = importlib.util.spec_from_file_location("cpu_dropout_tests", Path(__file__).resolve().parents[1] / "test_dropout.py")
-_cpu_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cpu_tests)
-assert_same_bits, philox_rand = _cpu_tests.assert_same_bits, _cpu_tests.philox_rand
-
 # inf * 0 (a dropped inf) is NaN, as in torch; numpy, under the interpreter, warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @triton.jit
@@ -62,8 +54,8 @@ def seed_on(device, value=7692698082559361259):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 7, 64 * 1024 + 3])
-@pytest.mark.parametrize("p", [0.1, 0.5, 1 - 1e-7])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("p", CROSS_BACKEND_PS)
 def test_dropout_matches_cpp(dtype, n, p):
     x = torch.randn(n, dtype=torch.float64).to(dtype)
     x[0] = float("inf")
