@@ -84,6 +84,28 @@ def test_fused_clipping_fails_when_perturbed():
         assert result.status == "FAIL" and result.err_over_tol > 1, result
 
 
+def test_dropout_and_batchnorm_fail_when_perturbed():
+    """Every dropout comparison of values is exact, so any error in the scale fails it (err/tol
+    inf); the dropped fraction and the determinism cases look at the masks, which this hook leaves
+    alone. Batch norm: a 1e-3 error in the statistics is 100x the fp32 tolerance (1e-5) but below
+    the 16-bit ones (2 ulps), so the fp32 and fp64 cases must fail."""
+    items = {family: list(check.family_checks(family, "cpp", quick=True)) for family in ("dropout", "batchnorm")}
+    for family, checks in items.items():
+        results = [check.run_check(family, "cpp", item) for item in checks]
+        assert all(r.status == "PASS" and 0 <= r.err_over_tol <= 1 for r in results), [r for r in results if r.status != "PASS"]
+    with check._perturbed(PERTURB):
+        dropout = [check.run_check("dropout", "cpp", item) for item in items["dropout"]]
+        batchnorm = [check.run_check("batchnorm", "cpp", item) for item in items["batchnorm"]
+                     if item.dtype in ("fp32", "fp64")]
+    masks_only = [r for r in dropout if r.case.startswith("fraction-") or r.case == "seeded"]
+    assert len(masks_only) == 4 and all(r.status == "PASS" for r in masks_only)
+    values = [r for r in dropout if r not in masks_only]
+    assert {r.case for r in values} == {"mask", "backward", "dropout_add", "dropout2d"}
+    assert all(r.status == "FAIL" and math.isinf(r.err_over_tol) for r in values), [r for r in values if r.status != "FAIL"]
+    assert len(batchnorm) > 40 and all(r.status == "FAIL" and r.err_over_tol > 1 for r in batchnorm), [
+        r for r in batchnorm if r.status != "FAIL"]
+
+
 def test_known_issues_are_reported_with_their_reason():
     tensor_lr, sqrt_ulp = optim_checks([("Adam-tensor_lr", "fp64"), ("RMSprop-maximize_weight_decay", "complex64")],
                                        quick=False)
@@ -120,7 +142,7 @@ def test_arguments(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--only", "optim,nope"])
-    assert exit_.value.code == 2 and "--only takes optim, clip" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--only takes optim, clip, dropout, batchnorm" in capsys.readouterr().err
     if torch.cuda.is_available():
         pytest.skip("the triton backend is available on this machine (CUDA)")
     with pytest.raises(SystemExit) as exit_:

@@ -5,8 +5,8 @@ prints one row per case: the largest absolute and relative error against torch's
 tolerance, and PASS or FAIL; it exits non-zero if any case is out of tolerance.
 
 The cases and tolerances are the test suite's own: each family's tables live in this package
-(optim_cases.py, clip_cases.py) and tests/ imports them from here, so the checker and the tests
-cannot drift apart.
+(optim_cases.py, clip_cases.py, dropout_cases.py, batchnorm_cases.py) and tests/ imports them
+from here, so the checker and the tests cannot drift apart.
 
 A family is one small module here, registered by one line in FAMILIES. It defines
 
@@ -15,8 +15,8 @@ A family is one small module here, registered by one line in FAMILIES. It define
 each Check naming a case and a dtype, with a function that runs it: it compares pyfused's results
 with torch's through ``errors.record(actual, expected, rtol, atol)`` (which keeps the largest
 errors for the table) and raises AssertionError when the test suite's criterion fails. ``quick``
-asks for a subset that keeps the whole quick run under a minute on 2 cores. See optim.py and
-clip.py; a dropout or batchnorm module follows the same shape.
+asks for a subset that keeps the whole quick run under a minute on 2 cores. optim.py, clip.py,
+dropout.py and batchnorm.py are the four families.
 
 Statuses: PASS; FAIL (out of tolerance); ERROR (raised anything else); XFAIL / SKIP (a known,
 documented difference from the suite's KNOWN_ISSUES, with its reason; XPASS if it has gone).
@@ -41,6 +41,8 @@ import torch
 FAMILIES = {
     "optim": "pyfused.check.optim",
     "clip": "pyfused.check.clip",
+    "dropout": "pyfused.check.dropout",
+    "batchnorm": "pyfused.check.batchnorm",
 }
 
 PASSING = ("PASS", "XFAIL", "XPASS", "SKIP")  # XFAIL / XPASS: a known, documented difference
@@ -163,8 +165,10 @@ def family_checks(name, backend, quick):
 def _perturbed(eps):
     """Test-only: makes pyfused's kernels wrong by a relative `eps`, to show that the checker
     catches a wrong kernel. Each optimizer kernel runs with its lr scaled by (1 + eps) (every
-    optimizer's first scalar is lr; the update and decoupled weight decay move with it), and each
-    global norm's powered sum is scaled by (1 + eps). ``python -m pyfused.check`` applies it when
+    optimizer's first scalar is lr; the update and decoupled weight decay move with it); each
+    global norm's powered sum, and each batch norm's per-channel mean and sum of squared
+    deviations (hence its output, grads and running stats), are scaled by (1 + eps); dropout
+    multiplies its kept elements by scale * (1 + eps). ``python -m pyfused.check`` applies it when
     PYFUSED_CHECK_PERTURB=<eps> is set."""
     from pyfused import _cpp, _triton  # _triton imports triton only when a kernel launches
 
@@ -180,9 +184,17 @@ def _perturbed(eps):
 
         return wrapped
 
+    def scaled_dropout(dropout):
+        def wrapped(op, dtype_code, numel, group, seed, p, scale, *args):  # both backends' order
+            return dropout(op, dtype_code, numel, group, seed, p, scale * (1 + eps), *args)
+
+        return wrapped
+
     patches = [
         (_cpp, "optimizer_step", scaled_lr), (_triton, "optimizer_step", scaled_lr),
         (_cpp, "norm_powered_sum", scaled_result), (_triton, "norm_powered_sum", scaled_result),
+        (_cpp, "bn_stats", scaled_result), (_triton, "bn_stats", scaled_result),
+        (_cpp, "dropout", scaled_dropout), (_triton, "dropout", scaled_dropout),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:

@@ -60,7 +60,7 @@ def _cells(r):
             _number(r.atol), "-" if r.err_over_tol is None else f"{r.err_over_tol:.3f}", r.status)
 
 
-WIDTHS = (6, 7, 38, 10, 9, 9, 9, 9, 8, 6)
+WIDTHS = (9, 7, 38, 10, 9, 9, 9, 9, 8, 6)
 
 
 def _line(cells):

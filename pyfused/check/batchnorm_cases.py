@@ -45,10 +45,15 @@ def options_id(options):
     return ",".join(f"{k}={v}" for k, v in options.items())
 
 
+def allowed(expected, tol, scale=1.0):
+    """The largest absolute error allowed: tol times the largest reference value, at least `scale`."""
+    return tol * (max(expected.double().abs().max().item(), scale) if expected.numel() else 1.0)
+
+
 def close(actual, expected, tol, what, scale=1.0):
-    scale = max(expected.double().abs().max().item(), scale) if expected.numel() else 1.0
+    bound = allowed(expected, tol, scale)
     err = (actual.double().cpu() - expected.double().cpu()).abs().max().item() if expected.numel() else 0.0
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} * {scale:.3g}"
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({tol:.3g} of the largest value or scale)"
 
 
 def make(shape, dtype, param_dtype, relu, cl, device="cpu", **options):

@@ -8,6 +8,8 @@ there is no tolerance to state. The dropped fraction is binomial: within SIGMAS 
 deviations of n * p.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -54,9 +56,17 @@ def torch_scale(p, dtype):
 def expected(x, p, seed, group=1):
     """x * mask * scale with the reference mask, in torch's arithmetic for the dtype (differentiable
     in x: bench/e2e.py trains through it)."""
-    draws = np.arange(x.numel()) // group
-    keep = torch.from_numpy(philox_rand(seed, draws) > np.float32(p)).view(x.shape).to(x.device)
+    keep = torch.from_numpy(reference_draws(seed, x.numel(), group) > np.float32(p)).view(x.shape).to(x.device)
     return x * torch.where(keep, torch_scale(p, x.dtype).to(x.device), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@functools.lru_cache(maxsize=8)
+def reference_draws(seed, n, group=1):
+    """The reference's draws for n elements in groups of `group` (read-only: cached, since a case
+    table reuses one seed for many p and dtypes)."""
+    draws = philox_rand(seed, np.arange(n) // group)
+    draws.flags.writeable = False
+    return draws
 
 
 def fraction_bound(n, p):
