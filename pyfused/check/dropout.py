@@ -26,6 +26,7 @@ from pyfused.check import dropout_cases as dc
 from pyfused.nn import dropout as D
 from pyfused.nn import functional as F
 
+
 def checks(backend, device, quick):
     for dtype in dc.DTYPES:
         yield Check("mask", _name(dtype), lambda errors, dtype=dtype: _mask(errors, device, dtype))
