@@ -137,8 +137,16 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        grad_x = _MaskedScale.apply(grad, seed, ctx.p, ctx.group, False, ctx.feature)
+        grad_x = _masked_scale(grad, seed, ctx.p, ctx.group, False, ctx.feature)
         return (grad_x,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def _masked_scale(x, seed, p, group, inplace, feature, backend=None):
+    """_MaskedScale where autograd records a graph (training, double backward), else the bare
+    kernel call: an autograd.Function costs about as much as the kernel on small tensors."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaskedScale.apply(x, seed, p, group, inplace, feature)
+    return _masked(x, seed, p, group, inplace, feature, backend)
 
 
 def _check_inplace(t):
@@ -174,10 +182,7 @@ def _dropout(input, p, training, inplace, generator, feature):
         noise = input.new_empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
         return input.mul_(noise) if inplace else input.mul(noise)
     group = math.prod(input.shape[2:]) if feature else 1
-    seed = _draw_seed(input.device, generator)
-    if input.requires_grad and torch.is_grad_enabled():
-        return _MaskedScale.apply(input, seed, p, group, inplace, feature)
-    return _masked(input, seed, p, group, inplace, feature, backend)  # no graph to record: no autograd.Function
+    return _masked_scale(input, _draw_seed(input.device, generator), p, group, inplace, feature, backend)
 
 
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
@@ -288,7 +293,7 @@ class _DropoutAdd(torch.autograd.Function):
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
         needs_x, _, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = _MaskedScale.apply(grad, seed, ctx.p, 1, False) if needs_x or needs_bias else None
+        grad_x = _masked_scale(grad, seed, ctx.p, 1, False, False) if needs_x or needs_bias else None
         grad_bias = grad_x.sum_to_size(ctx.bias_shape) if needs_bias else None
         return grad_x if needs_x else None, grad, grad_bias, None, None
 
