@@ -6,6 +6,10 @@
 - dropout_add, residual + dropout(x + bias) (bias along the last dimension), forward + backward:
   read x, residual, write out; read the grad, write dx (the residual's grad is the grad itself):
   20 B/element in fp32, 10 in bf16. torch's path is the unfused expression.
+- `torch x*mask` is torch's `input * noise` with the noise already made (0 or 1/(1-p), drawn
+  once in setup), forward and backward (`grad * noise`): the cost of torch's dropout without
+  drawing the mask, a fresh output's page faults included, as in every path here. It counts
+  12 B/element forward (x, noise, y), 24 forward + backward.
 - The in-cache case (32Ki fp32, one thread) is the forward in elements per ns.
 The masks come from different random streams, so `check` compares statistics, not values: the
 share of zeros and the mean of the output, within 10 standard deviations of their difference.
@@ -44,11 +48,15 @@ def statistics(y):
 
 def dropout_cell(cfg: Config, workload: str, numel: int, backward: bool, **options) -> Cell:
     numel = cfg.shapes([(numel,)])[0][0]
-    functions = {"pyfused": PF.dropout, "torch": torch.nn.functional.dropout}
+    with_ready_mask = not options.get("one_thread")  # the in-cache case times pyfused's own cost
 
     def setup():
         x = torch.randn(numel, device=cfg.device, requires_grad=backward)
         grad = torch.randn(numel, device=cfg.device) if backward else None
+        functions = {"pyfused": PF.dropout, "torch": torch.nn.functional.dropout}
+        if with_ready_mask:
+            noise = torch.empty(numel, device=cfg.device).bernoulli_(1 - P).div_(1 - P)
+            functions["torch x*mask"] = lambda x, p, training: x * noise
 
         def factory(impl):
             fn, last = functions[impl], {}
@@ -66,7 +74,9 @@ def dropout_cell(cfg: Config, workload: str, numel: int, backward: bool, **optio
 
     op = "dropout fwd+bwd" if backward else "dropout fwd"
     table = f"dropout p={P}, fp32, " + ("forward + backward" if backward else "forward")
-    return Cell("dropout", table, op, workload, f"{numel:,} fp32", 1, numel, (16 if backward else 8) * numel, setup,
+    per_element = {"pyfused": 16 if backward else 8, "torch": 16 if backward else 8, "torch x*mask": 24 if backward else 12}
+    return Cell("dropout", table, op, workload, f"{numel:,} fp32", 1, numel,
+                {impl: size * numel for impl, size in per_element.items()}, setup,
                 ours="pyfused", tol=(0.0, 10 * math.sqrt(2 / numel)), show={"saved B/el": "saved_bytes_per_element"},
                 **options)
 

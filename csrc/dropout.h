@@ -68,24 +68,35 @@ struct PhiloxKey {
   }
 };
 
-// The first output word of Philox-4x32-10 for counters (c0, c1, 0, 0), in the lanes' low halves.
-inline PhiloxLanes philox_first_word(const PhiloxKey& key, PhiloxLanes c0, PhiloxLanes c1) {
+// Vectors of counters run through Philox together: one vector's ten rounds are a chain of
+// dependent multiplies, and interleaving independent chains keeps the vector units busy (measured
+// on one core in cache: +15% with 4 chains of 512 bits, +7% with 2 of 256 bits; 4 of 256 spill
+// registers).
+constexpr int kStreams = kPhiloxBytes == 64 ? 4 : 2;
+
+// For kStreams vectors of 64-bit counters (lo, hi), the first output word of Philox-4x32-10 on
+// (lo, hi, 0, 0), in the lanes' low halves, written over c0.
+inline void philox_first_words(const PhiloxKey& key, PhiloxLanes* c0) {
   const PhiloxLanes round_a = PhiloxLanes{} + 0xD2511F53u, round_b = PhiloxLanes{} + 0xCD9E8D57u;
-  // Round 0 with c2 = c3 = 0: round_b's product is 0.
-  PhiloxLanes p1 = mul_low_halves(round_a, c0);
-  c0 = c1 ^ key.k0[0];
-  PhiloxLanes c2 = (p1 >> 32) ^ key.k1[0];
-  c1 = PhiloxLanes{};
-  PhiloxLanes c3 = p1;
-  for (int r = 1; r < kPhiloxRounds; ++r) {
-    PhiloxLanes p0 = mul_low_halves(round_b, c2);
-    p1 = mul_low_halves(round_a, c0);
-    c0 = (p0 >> 32) ^ c1 ^ key.k0[r];
-    c2 = (p1 >> 32) ^ c3 ^ key.k1[r];
-    c1 = p0;
-    c3 = p1;
+  PhiloxLanes c1[kStreams], c2[kStreams], c3[kStreams];
+  for (int s = 0; s < kStreams; ++s) {
+    // Round 0 with c2 = c3 = 0: round_b's product is 0.
+    PhiloxLanes p1 = mul_low_halves(round_a, c0[s]);
+    c0[s] = (c0[s] >> 32) ^ key.k0[0];
+    c2[s] = (p1 >> 32) ^ key.k1[0];
+    c1[s] = PhiloxLanes{};
+    c3[s] = p1;
   }
-  return c0;
+  for (int r = 1; r < kPhiloxRounds; ++r) {
+    for (int s = 0; s < kStreams; ++s) {
+      PhiloxLanes p0 = mul_low_halves(round_b, c2[s]);
+      PhiloxLanes p1 = mul_low_halves(round_a, c0[s]);
+      c0[s] = (p0 >> 32) ^ c1[s] ^ key.k0[r];
+      c2[s] = (p1 >> 32) ^ c3[s] ^ key.k1[r];
+      c1[s] = p0;
+      c3[s] = p1;
+    }
+  }
 }
 
 // Triton's uint_to_uniform_float for 32-bit words.
@@ -96,6 +107,7 @@ inline float uniform(uint32_t word) {
 }
 
 constexpr int kMaskBlock = 64;                // mask draws computed together
+static_assert(kMaskBlock % (kStreams * kPhiloxWidth) == 0, "a mask block is whole Philox calls");
 constexpr int64_t kDropoutChunk = 1 << 14;    // elements per unit of work
 
 template <class Op>
@@ -109,10 +121,12 @@ struct Mask {
     PhiloxLanes lane;
     for (int l = 0; l < kPhiloxWidth; ++l) lane[l] = uint64_t(l);
     uint32_t words[kMaskBlock];
-    for (int v = 0; v < kMaskBlock; v += kPhiloxWidth) {
-      PhiloxLanes counter = (first + uint64_t(v)) + lane;
-      PhiloxLanes word = philox_first_word(key, counter, counter >> 32);
-      for (int l = 0; l < kPhiloxWidth; ++l) words[v + l] = uint32_t(word[l]);
+    for (int v = 0; v < kMaskBlock; v += kStreams * kPhiloxWidth) {
+      PhiloxLanes word[kStreams];
+      for (int s = 0; s < kStreams; ++s) word[s] = (first + uint64_t(v + s * kPhiloxWidth)) + lane;
+      philox_first_words(key, word);
+      for (int s = 0; s < kStreams; ++s)
+        for (int l = 0; l < kPhiloxWidth; ++l) words[v + s * kPhiloxWidth + l] = uint32_t(word[s][l]);
     }
     // In locals: m could alias the members, which would keep this loop scalar and branchy.
     const float threshold = p;

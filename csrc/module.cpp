@@ -5,6 +5,9 @@
 
 #include <cstdlib>
 #include <stdexcept>
+#if defined(__linux__)
+#include <sys/mman.h>  // dropout's madvise
+#endif
 #include <string>
 #include <vector>
 
@@ -192,9 +195,21 @@ void bn_backward_finalize(int param_dtype, int64_t channels, double count, bool 
   isa().bn_backward_finalize(checked_dtype(param_dtype), f);
 }
 
+// A fresh output of megabytes is first touched by the kernel, and with 4 KiB pages the page
+// faults cost more than the kernel itself: its whole 2 MiB pages are asked to be huge ones (what
+// torch's allocator does for every allocation under THP_MEM_ALLOC_ENABLE=1). Advice only: where
+// transparent huge pages are off, or the call fails, nothing changes.
+void advise_huge_pages(uintptr_t begin, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, double p,
              double scale, uintptr_t x, uintptr_t out, uintptr_t residual, uintptr_t bias,
-             int64_t bias_numel, int threads) {
+             int64_t bias_numel, int threads, bool fresh_out) {
   if (op < 0 || op > int(DropoutOp::kAddResidual)) throw py::value_error("unknown dropout op");
   if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
   if (numel < 0 || group < 1 || (bias != 0 && bias_numel < 1)) throw py::value_error("bad dropout sizes");
@@ -203,6 +218,8 @@ void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, dou
                    address<void>(x), reinterpret_cast<void*>(out), address<void>(residual),
                    bias != 0 ? address<void>(bias) : nullptr, bias_numel, threads < 1 ? 1 : threads};
   py::gil_scoped_release no_gil;
+  const size_t element_size = dtype == int(DType::kFloat64) ? 8 : dtype == int(DType::kFloat32) ? 4 : 2;
+  if (fresh_out) advise_huge_pages(out, size_t(numel) * element_size);
   isa().dropout(DropoutOp(op), DType(dtype), call);
 }
 
@@ -231,10 +248,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout", &pyfused::dropout, py::arg("op"), py::arg("dtype"), py::arg("numel"),
         py::arg("group"), py::arg("seed"), py::arg("p"), py::arg("scale"), py::arg("x"),
         py::arg("out"), py::arg("residual"), py::arg("bias"), py::arg("bias_numel"),
-        py::arg("threads"),
+        py::arg("threads"), py::arg("fresh_out") = false,
         "Dropout of numel contiguous elements at x into out (csrc/dropout.h): element i is kept\n"
         "iff tl.rand(seed, i // group) > p, and then multiplied by scale. op 1 adds the residual\n"
-        "(and bias, along the last dimension, if not 0) as residual + dropout(x + bias).");
+        "(and bias, along the last dimension, if not 0) as residual + dropout(x + bias). fresh_out:\n"
+        "out is untouched memory just allocated, whose page faults huge pages may spare.");
   m.def("scalars_per_tensor", [](int optimizer) {
     return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
   });

@@ -135,7 +135,9 @@ DROPOUT_SCALE, DROPOUT_ADD_RESIDUAL = 0, 1
 
 
 def dropout(op: int, dtype_code: int, numel: int, group: int, seed: int, p: float, scale: float,
-            x: int, out: int, residual: int = 0, bias: int = 0, bias_numel: int = 0) -> None:
-    """Dropout of `numel` contiguous elements at address x into out (csrc/dropout.h)."""
+            x: int, out: int, residual: int = 0, bias: int = 0, bias_numel: int = 0,
+            fresh_out: bool = False) -> None:
+    """Dropout of `numel` contiguous elements at address x into out (csrc/dropout.h); fresh_out:
+    out was just allocated and nothing has touched it yet."""
     _C.dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual, bias, bias_numel,
-               torch.get_num_threads())
+               torch.get_num_threads(), fresh_out)

@@ -329,3 +329,16 @@ def test_modules_behave_like_torchs(ours, theirs, shape):
           torch.nn.Dropout3d: F.dropout3d}[theirs]
     assert torch.equal(out, fn(x, 0.3))
     assert module.eval()(x) is x
+
+
+def test_outputs_of_megabytes_equal_the_in_place_result():
+    # Fresh outputs of 2 MiB or more are advised to be huge pages before the kernel first writes
+    # them (pyfused/_cpp.py's fresh_out); in place nothing is advised.
+    x = torch.randn(2**21 + 3)
+    leaf = x.clone().requires_grad_()
+    y = F.dropout(leaf, 0.3, generator=generator())
+    in_place = x.clone()
+    assert F.dropout(in_place, 0.3, inplace=True, generator=generator()) is in_place
+    assert torch.equal(y.detach(), in_place)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(leaf.grad, (y.detach() != 0) * torch.ones(()).div_(0.7))

@@ -11,8 +11,9 @@ nothing per element. The C++ (CPU) and Triton (CUDA) kernels give the same mask 
 bits for the same seed, on any thread count.
 
 What has no kernel (other dtypes, devices, tensor subclasses, a forced "torch" backend) runs
-torch's own dropout. Non-contiguous inputs are computed on a contiguous copy, and their output
-is contiguous (torch keeps a dense input's strides).
+torch's own dropout. The output has the strides torch's gives (its `input * noise`: a dense
+input's strides, channels_last included); the mask stays a function of the row-major index, so a
+non-contiguous input is computed on a contiguous copy, then laid out as torch lays it out.
 """
 
 import functools
@@ -61,49 +62,91 @@ def _draw_seed(device, generator):
     return torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
 
 
-def _launch(op, x, out, seed, p, group, residual=None, bias=None):
-    """The kernel on contiguous tensors (out may be x)."""
+def _launch(op, x, out, seed, p, group, residual=None, bias=None, fresh_out=False, backend=None):
+    """The kernel on contiguous tensors (out may be x); fresh_out: out was just allocated;
+    backend: _backend_of(x), where the caller knows it."""
     code = _DTYPE_CODES[x.dtype]
     p32, scale = _as_float32(p), _scale(p, x.dtype)
-    if _backend_of(x) == "cpp":
+    if (backend or _backend_of(x)) == "cpp":
         _cpp.dropout(op, code, x.numel(), group, seed.item(), p32, scale, x.data_ptr(), out.data_ptr(),
                      0 if residual is None else residual.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                     0 if bias is None else bias.numel())
+                     0 if bias is None else bias.numel(), fresh_out)
     else:
         from pyfused import _triton
 
         _triton.dropout(op, code, x.numel(), group, seed, p32, scale, x, out, residual, bias)
 
 
-def _masked(x, seed, p, group, inplace):
-    """x times its mask and scale; inplace writes into x (through a contiguous copy if need be)."""
-    if inplace and x.is_contiguous():
-        _launch(_cpp.DROPOUT_SCALE, x, x, seed, p, group)
-        if not x.is_inference():
-            torch.autograd.graph.increment_version(x)  # the kernel wrote behind autograd's back
-        return x
-    source = x.contiguous()
-    out = torch.empty_like(source) if source is x else source
-    _launch(_cpp.DROPOUT_SCALE, source, out, seed, p, group)
-    return x.copy_(out) if inplace else out
+def _torch_strides(expression, *tensors):
+    """The strides of torch's result of expression(*tensors), found on the meta device: the
+    layout rules of torch's elementwise ops (TensorIterator) without touching any data."""
+    metas = [None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+             for t in tensors]
+    return expression(*metas).stride()
+
+
+def _dropout_expression(x, feature):
+    """torch's _dropout_impl's product: noise is empty_like(input), or (N, C, 1, ...) for
+    feature dropout, and the result is input * noise."""
+    noise_shape = x.shape[:2] + (1,) * (x.dim() - 2) if feature else None
+    noise = torch.empty_like(x) if noise_shape is None else x.new_empty(noise_shape)
+    return x * noise
+
+
+def _laid_out_as_torch(result, strides):
+    """result (contiguous) in a tensor with the given strides (result itself if they agree)."""
+    if result.stride() == strides:
+        return result
+    return torch.empty_strided(result.shape, strides, dtype=result.dtype, device=result.device).copy_(result)
+
+
+def _masked(x, seed, p, group, inplace, feature, backend=None):
+    """x times its mask and scale, laid out as torch lays out its dropout's output; inplace
+    writes into x (through a contiguous copy if need be)."""
+    if x.is_contiguous():
+        if inplace:
+            _launch(_cpp.DROPOUT_SCALE, x, x, seed, p, group, backend=backend)
+            if not x.is_inference():
+                torch.autograd.graph.increment_version(x)  # the kernel wrote behind autograd's back
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch(_cpp.DROPOUT_SCALE, x, out, seed, p, group, fresh_out=True, backend=backend)
+        if feature and 1 in x.shape:  # broadcast noise lets size-1 dimensions keep x's strides
+            return _laid_out_as_torch(out, _torch_strides(lambda m: _dropout_expression(m, True), x))
+        return out  # what torch gives a contiguous input
+    source = x.contiguous()  # a copy, computed in place
+    _launch(_cpp.DROPOUT_SCALE, source, source, seed, p, group, backend=backend)
+    if inplace:
+        return x.copy_(source)
+    return _laid_out_as_torch(source, _torch_strides(lambda m: _dropout_expression(m, feature), x))
 
 
 class _MaskedScale(torch.autograd.Function):
     """x * mask * scale for a given seed. Its backward is the same op on the grad (the mask is
-    recomputed), itself differentiable, so higher-order grads work too."""
+    recomputed), itself differentiable, so higher-order grads work too. feature (optional) says
+    the output takes the layout of torch's channel dropout."""
 
     @staticmethod
-    def forward(ctx, x, seed, p, group, inplace):
-        ctx.p, ctx.group = p, group
+    def forward(ctx, x, seed, p, group, inplace, feature=False):
+        ctx.p, ctx.group, ctx.feature = p, group, feature
         ctx.save_for_backward(seed)
         if inplace:
             ctx.mark_dirty(x)
-        return _masked(x, seed, p, group, inplace)
+        return _masked(x, seed, p, group, inplace, feature)
 
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return _MaskedScale.apply(grad, seed, ctx.p, ctx.group, False), None, None, None, None
+        grad_x = _masked_scale(grad, seed, ctx.p, ctx.group, False, ctx.feature)
+        return (grad_x,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def _masked_scale(x, seed, p, group, inplace, feature, backend=None):
+    """_MaskedScale where autograd records a graph (training, double backward), else the bare
+    kernel call: an autograd.Function costs about as much as the kernel on small tensors."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaskedScale.apply(x, seed, p, group, inplace, feature)
+    return _masked(x, seed, p, group, inplace, feature, backend)
 
 
 def _check_inplace(t):
@@ -128,7 +171,8 @@ def _dropout(input, p, training, inplace, generator, feature):
         return input.mul_(zero) if inplace else input.mul(zero)
     if feature and input.dim() < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    if _backend_of(input) is None:
+    backend = _backend_of(input)
+    if backend is None:
         if generator is None:  # torch's own dropout
             op = {(False, False): torch.dropout, (False, True): torch.dropout_,
                   (True, False): torch.feature_dropout, (True, True): torch.feature_dropout_}[feature, inplace]
@@ -138,7 +182,7 @@ def _dropout(input, p, training, inplace, generator, feature):
         noise = input.new_empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
         return input.mul_(noise) if inplace else input.mul(noise)
     group = math.prod(input.shape[2:]) if feature else 1
-    return _MaskedScale.apply(input, _draw_seed(input.device, generator), p, group, inplace)
+    return _masked_scale(input, _draw_seed(input.device, generator), p, group, inplace, feature, backend)
 
 
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
@@ -236,17 +280,20 @@ class _DropoutAdd(torch.autograd.Function):
         ctx.p = p
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(seed)
-        x, residual = x.contiguous(), residual.contiguous()
+        flat_x, flat_residual = x.contiguous(), residual.contiguous()
         flat_bias = None if bias is None else bias.contiguous()
-        out = torch.empty_like(x)
-        _launch(_cpp.DROPOUT_ADD_RESIDUAL, x, out, seed, p, 1, residual, flat_bias)
-        return out
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch(_cpp.DROPOUT_ADD_RESIDUAL, flat_x, out, seed, p, 1, flat_residual, flat_bias, fresh_out=True)
+        if flat_x is x and flat_residual is residual:
+            return out  # what torch gives contiguous operands
+        return _laid_out_as_torch(out, _torch_strides(
+            lambda x, r, b: r + _dropout_expression(x if b is None else x + b, False), x, residual, bias))
 
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
         needs_x, _, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = _MaskedScale.apply(grad, seed, ctx.p, 1, False) if needs_x or needs_bias else None
+        grad_x = _masked_scale(grad, seed, ctx.p, 1, False, False) if needs_x or needs_bias else None
         grad_bias = grad_x.sum_to_size(ctx.bias_shape) if needs_bias else None
         return grad_x if needs_x else None, grad, grad_bias, None, None
 
