@@ -30,10 +30,15 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <array>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "dtypes.h"
 #include "kernels.h"
+#include "norm.h"  // kVectorBytes
 #include "thread_pool.h"
 
 namespace pyfused {
@@ -46,7 +51,16 @@ constexpr int64_t kMinRows = 16;       // rows walk: at least this many rows per
 constexpr int64_t kPlanarMin = 32;     // inner extent from which the planar walk is used
 constexpr int64_t kChunk = 1 << 14;    // elements per unit of elementwise work
 
-typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+// kLanes double accumulators as registers of the build's own width (kVectorBytes, csrc/norm.h):
+// lane l is element l % kWidth of register l / kWidth. A single vector type of all kLanes lanes
+// is wider than the registers and lives in memory (see csrc/norm.h), costing a store-to-load
+// round trip per step.
+typedef double Vec __attribute__((vector_size(kVectorBytes)));
+constexpr int kWidth = kVectorBytes / int(sizeof(double));
+constexpr int kRegisters = kLanes / kWidth;
+struct Lanes {
+  Vec r[kRegisters];
+};
 
 // The partitions of one channel: n_a blocks of rows_per_a rows (planes), times n_b blocks of
 // cols_per_b columns. Partition (a, c, b) is stored at (a * C + c) * n_b + b.
@@ -87,21 +101,66 @@ void parallel_items(const BnShape& s, int64_t n, Body&& body) {
 
 inline double sum_lanes(const Lanes& v) {
   double total = 0;
-  for (int l = 0; l < kLanes; ++l) total += v[l];
+  for (int l = 0; l < kLanes; ++l) total += v.r[l / kWidth][l % kWidth];
   return total;
 }
 
-// Adds f(j) for j in [0, n) into lanes (element j into lane j % kLanes), vector body and scalar
-// tail in the same order per lane.
-template <class F>
-inline void fold(Lanes& acc, int64_t n, F&& f) {
+// kWidth values of a pass's opmath type (float, or double for fp64): one Vec's worth of elements.
+template <class Op>
+struct OpVecOf {
+  typedef Op type __attribute__((vector_size(kWidth * sizeof(Op))));
+};
+template <class T>
+using OpVec = typename OpVecOf<OpMath<T>>::type;
+
+template <class T>
+inline OpVec<T> load_vec(const T* p) {
+  OpVec<T> v;
+  if constexpr (std::is_same_v<T, OpMath<T>>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < kWidth; ++l) v[l] = load(p + l);
+  }
+  return v;
+}
+
+// Lane by lane: GCC's __builtin_convertvector splits the float to double conversion in halves.
+template <class V>
+inline Vec widen(V v) {
+  Vec w;
+  for (int l = 0; l < kWidth; ++l) w[l] = double(v[l]);
+  return w;
+}
+
+// Adds the terms of elements [0, n) of the inputs `in` into the lanes of each acc, element j into
+// lane j % kLanes: f maps kWidth elements of each input (as OpVecs) to one Vec of terms per
+// accumulator. In the tail, f sees zero-padded vectors and only the real lanes are added.
+template <int kSums, class T, size_t kIn, class F>
+inline void fold(Lanes (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t n, F&& f) {
+  Vec a[kSums][kRegisters];
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kRegisters; ++r) a[k][r] = acc[k].r[r];
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    Lanes v;
-    for (int l = 0; l < kLanes; ++l) v[l] = f(j + l);
-    acc += v;
+#pragma GCC unroll 16
+    for (int r = 0; r < kRegisters; ++r) {
+      std::array<OpVec<T>, kIn> v;
+      for (size_t i = 0; i < kIn; ++i) v[i] = load_vec(in[i] + j + r * kWidth);
+      const std::array<Vec, kSums> t = std::apply(f, v);
+      for (int k = 0; k < kSums; ++k) a[k][r] += t[k];
+    }
   }
-  for (; j < n; ++j) acc[j % kLanes] += f(j);
+  for (int r = 0; r < kRegisters && j + r * kWidth < n; ++r) {
+    const int64_t first = j + r * kWidth, count = std::min<int64_t>(kWidth, n - first);
+    std::array<OpVec<T>, kIn> v = {};
+    for (size_t i = 0; i < kIn; ++i)
+      for (int l = 0; l < count; ++l) v[i][l] = load(in[i] + first + l);
+    const std::array<Vec, kSums> t = std::apply(f, v);
+    for (int k = 0; k < kSums; ++k)
+      for (int l = 0; l < count; ++l) a[k][r][l] += t[k][l];
+  }
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kRegisters; ++r) acc[k].r[r] = a[k][r];
 }
 
 // Per-partition sums: S = sum x and M2 = sum (x - S / n)^2, written to s1, s2 in plan order.
@@ -113,19 +172,22 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
       const int64_t b = item % p.n_b, c = item / p.n_b % C, a = item / p.n_b / C;
       const int64_t rows = p.rows(s, a), cols = p.cols(s, b);
       const T* base = x + (a * p.rows_per_a * C + c) * I + b * p.cols_per_b;
-      Lanes sum = {};
+      Lanes sum[1] = {};
       for (int64_t r = 0; r < rows; ++r) {
         const T* seg = base + r * W;
-        fold(sum, cols, [&](int64_t j) { return double(load(seg + j)); });
+        fold(sum, std::array<const T*, 1>{seg}, cols, [](OpVec<T> v) { return std::array<Vec, 1>{widen(v)}; });
       }
-      const double mean = sum_lanes(sum) / double(rows * cols);
-      Lanes m2 = {};
+      const double mean = sum_lanes(sum[0]) / double(rows * cols);
+      Lanes m2[1] = {};
       for (int64_t r = 0; r < rows; ++r) {
         const T* seg = base + r * W;
-        fold(m2, cols, [&](int64_t j) { double d = double(load(seg + j)) - mean; return d * d; });
+        fold(m2, std::array<const T*, 1>{seg}, cols, [&](OpVec<T> v) {
+          const Vec d = widen(v) - mean;
+          return std::array<Vec, 1>{d * d};
+        });
       }
-      s1[item] = sum_lanes(sum);
-      s2[item] = sum_lanes(m2);
+      s1[item] = sum_lanes(sum[0]);
+      s2[item] = sum_lanes(m2[0]);
     });
   } else {
     parallel_items(s, p.n_a, [&](int64_t a) {
@@ -245,9 +307,13 @@ void normalize(const BnShape& s, const void* x, void* y, const double* scale, co
 }
 
 // dy, masked by the forward's ReLU when there is one: x * scale + shift rounds as in forward.
-template <class Op, bool kRelu>
-inline Op masked(Op dy, Op x, Op scale, Op shift) {
-  if constexpr (kRelu) return x * scale + shift > Op(0) ? dy : Op(0);
+// Op: a scalar or an OpVec (whose comparison selects lane by lane); scale and shift are scalars.
+template <class Op, bool kRelu, class S>
+inline Op masked(Op dy, Op x, S scale, S shift) {
+  if constexpr (kRelu) {
+    const Op zero = {};
+    return x * scale + shift > zero ? dy : zero;
+  }
   return dy;
 }
 
@@ -268,17 +334,17 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
       const int64_t start = (pa * p.rows_per_a * C + c) * I + pb * p.cols_per_b;
       const Op sa = a[c], sb = b[c];
       const double m = mu[c];
-      Lanes l1 = {}, l2 = {};
+      Lanes sums[2] = {};
       for (int64_t r = 0; r < rows; ++r) {
         const T* g = dy + start + r * W;
         const T* v = x + start + r * W;
-        fold(l1, cols, [&](int64_t j) { return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)); });
-        fold(l2, cols, [&](int64_t j) {
-          return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)) * (double(load(v + j)) - m);
+        fold(sums, std::array<const T*, 2>{g, v}, cols, [&](OpVec<T> gv, OpVec<T> xv) {
+          const Vec d = widen(masked<OpVec<T>, kRelu>(gv, xv, sa, sb));
+          return std::array<Vec, 2>{d, d * (widen(xv) - m)};
         });
       }
-      s1[item] = sum_lanes(l1);
-      s2[item] = sum_lanes(l2);
+      s1[item] = sum_lanes(sums[0]);
+      s2[item] = sum_lanes(sums[1]);
     });
   } else {
     parallel_items(s, p.n_a, [&](int64_t pa) {
