@@ -30,10 +30,15 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <array>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "dtypes.h"
 #include "kernels.h"
+#include "norm.h"  // kVectorBytes
 #include "thread_pool.h"
 
 namespace pyfused {
@@ -46,7 +51,16 @@ constexpr int64_t kMinRows = 16;       // rows walk: at least this many rows per
 constexpr int64_t kPlanarMin = 32;     // inner extent from which the planar walk is used
 constexpr int64_t kChunk = 1 << 14;    // elements per unit of elementwise work
 
-typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+// kLanes double accumulators as registers of the build's own width (kVectorBytes, csrc/norm.h):
+// lane l is element l % kWidth of register l / kWidth. A single vector type of all kLanes lanes
+// is wider than the registers and lives in memory (see csrc/norm.h), costing a store-to-load
+// round trip per step.
+typedef double Vec __attribute__((vector_size(kVectorBytes)));
+constexpr int kWidth = kVectorBytes / int(sizeof(double));
+constexpr int kRegisters = kLanes / kWidth;
+struct Lanes {
+  Vec r[kRegisters];
+};
 
 // The partitions of one channel: n_a blocks of rows_per_a rows (planes), times n_b blocks of
 // cols_per_b columns. Partition (a, c, b) is stored at (a * C + c) * n_b + b.
@@ -87,46 +101,99 @@ void parallel_items(const BnShape& s, int64_t n, Body&& body) {
 
 inline double sum_lanes(const Lanes& v) {
   double total = 0;
-  for (int l = 0; l < kLanes; ++l) total += v[l];
+  for (int l = 0; l < kLanes; ++l) total += v.r[l / kWidth][l % kWidth];
   return total;
 }
 
-// Adds f(j) for j in [0, n) into lanes (element j into lane j % kLanes), vector body and scalar
-// tail in the same order per lane.
-template <class F>
-inline void fold(Lanes& acc, int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    Lanes v;
-    for (int l = 0; l < kLanes; ++l) v[l] = f(j + l);
-    acc += v;
+// kWidth values of a pass's opmath type (float, or double for fp64): one Vec's worth of elements.
+template <class Op>
+struct OpVecOf {
+  typedef Op type __attribute__((vector_size(kWidth * sizeof(Op))));
+};
+template <class T>
+using OpVec = typename OpVecOf<OpMath<T>>::type;
+
+template <class T>
+inline OpVec<T> load_vec(const T* p) {
+  OpVec<T> v;
+  if constexpr (std::is_same_v<T, OpMath<T>>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < kWidth; ++l) v[l] = load(p + l);
   }
-  for (; j < n; ++j) acc[j % kLanes] += f(j);
+  return v;
 }
 
-// Per-partition sums: S = sum x and M2 = sum (x - S / n)^2, written to s1, s2 in plan order.
+// Lane by lane: GCC's __builtin_convertvector splits the float to double conversion in halves.
+template <class V>
+inline Vec widen(V v) {
+  Vec w;
+  for (int l = 0; l < kWidth; ++l) w[l] = double(v[l]);
+  return w;
+}
+
+// Adds the terms of elements [0, n) of the inputs `in` into the lanes of each acc, element j into
+// lane j % kLanes: f maps kWidth elements of each input (as OpVecs) to one Vec of terms per
+// accumulator. In the tail, f sees zero-padded vectors and only the real lanes are added.
+template <int kSums, class T, size_t kIn, class F>
+inline void fold(Lanes (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t n, F&& f) {
+  Vec a[kSums][kRegisters];
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kRegisters; ++r) a[k][r] = acc[k].r[r];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kRegisters; ++r) {
+      std::array<OpVec<T>, kIn> v;
+      for (size_t i = 0; i < kIn; ++i) v[i] = load_vec(in[i] + j + r * kWidth);
+      const std::array<Vec, kSums> t = std::apply(f, v);
+      for (int k = 0; k < kSums; ++k) a[k][r] += t[k];
+    }
+  }
+  for (int r = 0; r < kRegisters && j + r * kWidth < n; ++r) {
+    const int64_t first = j + r * kWidth, count = std::min<int64_t>(kWidth, n - first);
+    std::array<OpVec<T>, kIn> v = {};
+    for (size_t i = 0; i < kIn; ++i)
+      for (int l = 0; l < count; ++l) v[i][l] = load(in[i] + first + l);
+    const std::array<Vec, kSums> t = std::apply(f, v);
+    for (int k = 0; k < kSums; ++k)
+      for (int l = 0; l < count; ++l) a[k][r][l] += t[k][l];
+  }
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kRegisters; ++r) acc[k].r[r] = a[k][r];
+}
+
+// Planar walk: partition `item`'s S = sum x and M2 = sum (x - S / n)^2, into s1, s2.
+template <class T>
+void stats_partition(const BnShape& s, const Plan& p, const T* x, int64_t item, double* s1, double* s2) {
+  const int64_t C = s.channels, I = s.inner, W = C * I;
+  const int64_t b = item % p.n_b, c = item / p.n_b % C, a = item / p.n_b / C;
+  const int64_t rows = p.rows(s, a), cols = p.cols(s, b);
+  const T* base = x + (a * p.rows_per_a * C + c) * I + b * p.cols_per_b;
+  Lanes sum[1] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* seg = base + r * W;
+    fold(sum, std::array<const T*, 1>{seg}, cols, [](OpVec<T> v) { return std::array<Vec, 1>{widen(v)}; });
+  }
+  const double mean = sum_lanes(sum[0]) / double(rows * cols);
+  Lanes m2[1] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* seg = base + r * W;
+    fold(m2, std::array<const T*, 1>{seg}, cols, [&](OpVec<T> v) {
+      const Vec d = widen(v) - mean;
+      return std::array<Vec, 1>{d * d};
+    });
+  }
+  s1[item] = sum_lanes(sum[0]);
+  s2[item] = sum_lanes(m2[0]);
+}
+
+// Per-partition sums S and M2, written to s1, s2 in plan order.
 template <class T>
 void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, double* s2) {
-  const int64_t C = s.channels, I = s.inner, W = C * I;
+  const int64_t W = s.channels * s.inner;
   if (p.planar) {
-    parallel_items(s, p.size(s), [&](int64_t item) {
-      const int64_t b = item % p.n_b, c = item / p.n_b % C, a = item / p.n_b / C;
-      const int64_t rows = p.rows(s, a), cols = p.cols(s, b);
-      const T* base = x + (a * p.rows_per_a * C + c) * I + b * p.cols_per_b;
-      Lanes sum = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* seg = base + r * W;
-        fold(sum, cols, [&](int64_t j) { return double(load(seg + j)); });
-      }
-      const double mean = sum_lanes(sum) / double(rows * cols);
-      Lanes m2 = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* seg = base + r * W;
-        fold(m2, cols, [&](int64_t j) { double d = double(load(seg + j)) - mean; return d * d; });
-      }
-      s1[item] = sum_lanes(sum);
-      s2[item] = sum_lanes(m2);
-    });
+    parallel_items(s, p.size(s), [&](int64_t item) { stats_partition(s, p, x, item, s1, s2); });
   } else {
     parallel_items(s, p.n_a, [&](int64_t a) {
       const int64_t rows = p.rows(s, a);
@@ -156,11 +223,10 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
 }
 
 // Channel c's mean and M2 from its partitions, merged in plan order.
-inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2,
-                        double* mean, double* m2) {
+inline void merge_channel_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2, int64_t c,
+                                double* mean, double* m2) {
   const int64_t C = s.channels;
   const double n = double(s.outer) * double(s.inner);
-  for (int64_t c = 0; c < C; ++c) {
     double total = 0;
     for (int64_t a = 0; a < p.n_a; ++a)
       for (int64_t b = 0; b < p.n_b; ++b) total += s1[(a * C + c) * p.n_b + b];
@@ -176,7 +242,11 @@ inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const
     }
     mean[c] = mu;
     m2[c] = dev;
-  }
+}
+
+inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2,
+                        double* mean, double* m2) {
+  for (int64_t c = 0; c < s.channels; ++c) merge_channel_stats(s, p, s1, s2, c, mean, m2);
 }
 
 template <class T>
@@ -217,6 +287,13 @@ void for_each_run(const BnShape& s, bool planar, Body&& body) {
 template <class Op>
 inline Op affine_relu(Op v, bool relu) { return relu && v < Op(0) ? Op(0) : v; }  // NaN stays NaN
 
+// n contiguous elements of one channel.
+template <class T, bool kRelu>
+inline void normalize_plane(const T* in, T* out, int64_t n, OpMath<T> sa, OpMath<T> sb) {
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) store(out + j, affine_relu(load(in + j) * sa + sb, kRelu));
+}
+
 template <class T, bool kRelu>
 void normalize_typed(const BnShape& s, const T* x, T* y, const double* scale, const double* shift) {
   using Op = OpMath<T>;
@@ -226,9 +303,7 @@ void normalize_typed(const BnShape& s, const T* x, T* y, const double* scale, co
     const T* in = x + e;
     T* out = y + e;
     if (planar) {
-      const Op sa = a[col], sb = b[col];
-#pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j) store(out + j, affine_relu(load(in + j) * sa + sb, kRelu));
+      normalize_plane<T, kRelu>(in, out, n, a[col], b[col]);
     } else {
       const Op* pa = a.data() + col;
       const Op* pb = b.data() + col;
@@ -245,10 +320,43 @@ void normalize(const BnShape& s, const void* x, void* y, const double* scale, co
 }
 
 // dy, masked by the forward's ReLU when there is one: x * scale + shift rounds as in forward.
-template <class Op, bool kRelu>
-inline Op masked(Op dy, Op x, Op scale, Op shift) {
-  if constexpr (kRelu) return x * scale + shift > Op(0) ? dy : Op(0);
+// Op: a scalar or an OpVec (whose comparison selects lane by lane); scale and shift are scalars.
+template <class Op, bool kRelu, class S>
+inline Op masked(Op dy, Op x, S scale, S shift) {
+  if constexpr (kRelu) {
+    const Op zero = {};
+    return x * scale + shift > zero ? dy : zero;
+  }
   return dy;
+}
+
+// Planar walk: partition `item`'s sum dy and sum dy * (x - m), into s1, s2.
+template <class T, bool kRelu>
+void grad_partition(const BnShape& s, const Plan& p, const T* dy, const T* x, int64_t item, OpMath<T> sa,
+                    OpMath<T> sb, double m, double* s1, double* s2) {
+  const int64_t C = s.channels, I = s.inner, W = C * I;
+  const int64_t pb = item % p.n_b, c = item / p.n_b % C, pa = item / p.n_b / C;
+  const int64_t rows = p.rows(s, pa), cols = p.cols(s, pb);
+  const int64_t start = (pa * p.rows_per_a * C + c) * I + pb * p.cols_per_b;
+  Lanes sums[2] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = dy + start + r * W;
+    const T* v = x + start + r * W;
+    fold(sums, std::array<const T*, 2>{g, v}, cols, [&](OpVec<T> gv, OpVec<T> xv) {
+      const Vec d = widen(masked<OpVec<T>, kRelu>(gv, xv, sa, sb));
+      return std::array<Vec, 2>{d, d * (widen(xv) - m)};
+    });
+  }
+  s1[item] = sum_lanes(sums[0]);
+  s2[item] = sum_lanes(sums[1]);
+}
+
+// Channel c's total of a per-partition value, in plan order.
+inline double channel_total(const BnShape& s, const Plan& p, const double* parts, int64_t c) {
+  double total = 0;
+  for (int64_t pa = 0; pa < p.n_a; ++pa)
+    for (int64_t pb = 0; pb < p.n_b; ++pb) total += parts[(pa * s.channels + c) * p.n_b + pb];
+  return total;
 }
 
 // Per-channel sum dy and sum dy * (x - mean), over the same partitions as the statistics.
@@ -263,22 +371,8 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
   std::vector<double> s1(p.size(s)), s2(p.size(s));
   if (p.planar) {
     parallel_items(s, p.size(s), [&](int64_t item) {
-      const int64_t pb = item % p.n_b, c = item / p.n_b % C, pa = item / p.n_b / C;
-      const int64_t rows = p.rows(s, pa), cols = p.cols(s, pb);
-      const int64_t start = (pa * p.rows_per_a * C + c) * I + pb * p.cols_per_b;
-      const Op sa = a[c], sb = b[c];
-      const double m = mu[c];
-      Lanes l1 = {}, l2 = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* g = dy + start + r * W;
-        const T* v = x + start + r * W;
-        fold(l1, cols, [&](int64_t j) { return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)); });
-        fold(l2, cols, [&](int64_t j) {
-          return double(masked<Op, kRelu>(load(g + j), load(v + j), sa, sb)) * (double(load(v + j)) - m);
-        });
-      }
-      s1[item] = sum_lanes(l1);
-      s2[item] = sum_lanes(l2);
+      const int64_t c = item / p.n_b % C;
+      grad_partition<T, kRelu>(s, p, dy, x, item, a[c], b[c], mu[c], s1.data(), s2.data());
     });
   } else {
     parallel_items(s, p.n_a, [&](int64_t pa) {
@@ -300,15 +394,8 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
     });
   }
   for (int64_t c = 0; c < C; ++c) {
-    double t1 = 0, t2 = 0;
-    for (int64_t pa = 0; pa < p.n_a; ++pa) {
-      for (int64_t pb = 0; pb < p.n_b; ++pb) {
-        t1 += s1[(pa * C + c) * p.n_b + pb];
-        t2 += s2[(pa * C + c) * p.n_b + pb];
-      }
-    }
-    sum_dy[c] = t1;
-    sum_dy_xmu[c] = t2;
+    sum_dy[c] = channel_total(s, p, s1.data(), c);
+    sum_dy_xmu[c] = channel_total(s, p, s2.data(), c);
   }
 }
 
@@ -319,6 +406,23 @@ void grad_sums(const BnShape& s, const void* dy, const void* x, const double* me
   auto v = static_cast<const T*>(x);
   if (relu) return grad_sums_typed<T, true>(s, g, v, mean, scale, shift, sum_dy, sum_dy_xmu);
   grad_sums_typed<T, false>(s, g, v, mean, scale, shift, sum_dy, sum_dy_xmu);
+}
+
+template <class Op, bool kRelu, bool kTraining>
+inline Op grad_input_one(Op dy, Op x, Op m, Op gm, Op k, Op g, Op sa, Op sb) {
+  const Op d = masked<Op, kRelu>(dy, x, sa, sb);
+  if constexpr (kTraining) return ((d - gm) - (x - m) * k) * g;
+  return d * g;
+}
+
+// n contiguous elements of one channel; k: its six coefficients, rounded to opmath.
+template <class T, bool kRelu, bool kTraining>
+inline void grad_input_plane(const T* g, const T* v, T* out, int64_t n, const OpMath<T> (&k)[6]) {
+  using Op = OpMath<T>;
+  const Op m = k[0], gm = k[1], kk = k[2], gg = k[3], sa = k[4], sb = k[5];
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j)
+    store(out + j, grad_input_one<Op, kRelu, kTraining>(load(g + j), load(v + j), m, gm, kk, gg, sa, sb));
 }
 
 // coefficients: [mean, gm, k, g, scale, shift] x C doubles (see the top of this file).
@@ -333,25 +437,20 @@ void grad_input_typed(const BnShape& s, const T* dy, const T* x, T* dx, const do
     const T* g = dy + e;
     const T* v = x + e;
     T* out = dx + e;
-    const Op* m = k[0].data() + col;
-    const Op* gm = k[1].data() + col;
-    const Op* kk = k[2].data() + col;
-    const Op* gg = k[3].data() + col;
-    const Op* sa = k[4].data() + col;
-    const Op* sb = k[5].data() + col;
-    auto one = [&](Op dyv, Op xv, Op mv, Op gmv, Op kv, Op gv, Op av, Op bv) {
-      const Op d = masked<Op, kRelu>(dyv, xv, av, bv);
-      if constexpr (kTraining) return ((d - gmv) - (xv - mv) * kv) * gv;
-      return d * gv;
-    };
     if (planar) {
-#pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j)
-        store(out + j, one(load(g + j), load(v + j), *m, *gm, *kk, *gg, *sa, *sb));
+      const Op coefficient[6] = {k[0][col], k[1][col], k[2][col], k[3][col], k[4][col], k[5][col]};
+      grad_input_plane<T, kRelu, kTraining>(g, v, out, n, coefficient);
     } else {
+      const Op* m = k[0].data() + col;
+      const Op* gm = k[1].data() + col;
+      const Op* kk = k[2].data() + col;
+      const Op* gg = k[3].data() + col;
+      const Op* sa = k[4].data() + col;
+      const Op* sb = k[5].data() + col;
 #pragma GCC ivdep
       for (int64_t j = 0; j < n; ++j)
-        store(out + j, one(load(g + j), load(v + j), m[j], gm[j], kk[j], gg[j], sa[j], sb[j]));
+        store(out + j, grad_input_one<Op, kRelu, kTraining>(load(g + j), load(v + j), m[j], gm[j], kk[j], gg[j],
+                                                            sa[j], sb[j]));
     }
   });
 }
@@ -387,8 +486,8 @@ inline void affine(const void* weight, const void* bias, int64_t c, double mean,
 // mode, where the running stats are used) to save_mean, save_invstd, scale and shift, and the
 // running stats' update (torch's: momentum blend, unbiased variance).
 template <class P>
-void finalize(const BnFinalize& f) {
-  for (int64_t c = 0; c < f.channels; ++c) {
+void finalize_channels(const BnFinalize& f, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
     double mean, var;
     if (f.groups == 0) {
       mean = load_or<P>(f.running_mean, c, 0);
@@ -426,9 +525,9 @@ void finalize(const BnFinalize& f) {
 
 // Backward: dweight and dbias (when wanted) and the grad_input coefficients.
 template <class P>
-void backward_finalize(const BnBackwardFinalize& f) {
+void backward_finalize_channels(const BnBackwardFinalize& f, int64_t begin, int64_t end) {
   const int64_t C = f.channels;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = begin; c < end; ++c) {
     const double invstd = f.invstd[c];
     if (f.dweight) store(static_cast<P*>(f.dweight) + c, OpMath<P>(f.sum_dy_xmu[c] * invstd));
     if (f.dbias) store(static_cast<P*>(f.dbias) + c, OpMath<P>(f.sum_dy[c]));
@@ -439,6 +538,123 @@ void backward_finalize(const BnBackwardFinalize& f) {
     affine<P>(f.weight, f.bias, c, f.mean[c], invstd, out + 4 * C + c, out + 5 * C + c);
     out[3 * C + c] = out[4 * C + c];  // g = w * invstd is the forward's scale
   }
+}
+
+template <class P>
+void finalize(const BnFinalize& f) { finalize_channels<P>(f, 0, f.channels); }
+
+template <class P>
+void backward_finalize(const BnBackwardFinalize& f) { backward_finalize_channels<P>(f, 0, f.channels); }
+
+// --- one call per forward and per backward ---
+//
+// In the planar walk, with channels enough to share among the threads and a channel's data
+// small enough to stay in a core's cache, one thread takes a channel through every step of a
+// pass: its statistics, their finalization and its normalization (forward); its grad sums,
+// dweight and dbias, and its dx (backward). The second read of its data then comes from cache,
+// not memory. The partitions, their sums and the merge order are the stand-alone passes' own, so
+// the results are bit for bit the same either way.
+constexpr int64_t kChannelBytes = int64_t(1) << 20;  // a channel's inputs, read twice
+
+inline bool by_channel(const BnShape& s, const Plan& p, int64_t bytes_per_element) {
+  return p.planar && s.channels >= 4 * int64_t(s.threads) &&
+         s.outer * s.inner * bytes_per_element <= kChannelBytes;
+}
+
+typedef void (*FinalizeChannels)(const BnFinalize&, int64_t begin, int64_t end);
+typedef void (*BackwardFinalizeChannels)(const BnBackwardFinalize&, int64_t begin, int64_t end);
+
+// f: finalize's arguments but the statistics (groups 1 in training, with counts[0] the count;
+// 0 in eval), which come from x. Needs outer * inner > 0.
+template <class T, bool kRelu>
+void forward_typed(const BnShape& s, const T* x, T* y, BnFinalize f, FinalizeChannels finalize) {
+  using Op = OpMath<T>;
+  const int64_t C = s.channels, I = s.inner;
+  const bool training = f.groups > 0;
+  const Plan p = plan(s);
+  std::vector<double> mean(training ? C : 0), m2(training ? C : 0);
+  f.means = mean.data();
+  f.m2s = m2.data();
+  if (!by_channel(s, p, sizeof(T))) {
+    if (training) stats<T>(s, x, mean.data(), m2.data());
+    finalize(f, 0, C);
+    return normalize_typed<T, kRelu>(s, x, y, f.scale, f.shift);
+  }
+  std::vector<double> s1(training ? p.size(s) : 0), s2(training ? p.size(s) : 0);
+  parallel_items(s, C, [&](int64_t c) {
+    if (training) {
+      for (int64_t a = 0; a < p.n_a; ++a)
+        for (int64_t b = 0; b < p.n_b; ++b) stats_partition(s, p, x, (a * C + c) * p.n_b + b, s1.data(), s2.data());
+      merge_channel_stats(s, p, s1.data(), s2.data(), c, mean.data(), m2.data());
+    }
+    finalize(f, c, c + 1);
+    const Op sa = Op(f.scale[c]), sb = Op(f.shift[c]);
+    for (int64_t o = 0; o < s.outer; ++o) normalize_plane<T, kRelu>(x + (o * C + c) * I, y + (o * C + c) * I, I, sa, sb);
+  });
+}
+
+template <class T>
+void forward(const BnShape& s, const void* x, void* y, const BnFinalize& f, FinalizeChannels finalize, bool relu) {
+  auto in = static_cast<const T*>(x);
+  auto out = static_cast<T*>(y);
+  if (relu) return forward_typed<T, true>(s, in, out, f, finalize);
+  forward_typed<T, false>(s, in, out, f, finalize);
+}
+
+// f: backward_finalize's arguments but the sums and the coefficients, which come from dy and x;
+// scale, shift: the forward's (for the ReLU mask). dx may be null (no input grad wanted); the
+// grad sums are skipped when nothing needs them (eval mode without dweight and dbias).
+template <class T, bool kRelu, bool kTraining>
+void backward_typed(const BnShape& s, const T* dy, const T* x, T* dx, BnBackwardFinalize f,
+                    BackwardFinalizeChannels finish, const double* scale, const double* shift) {
+  using Op = OpMath<T>;
+  const int64_t C = s.channels, I = s.inner;
+  const Plan p = plan(s);
+  const bool sums_needed = (kTraining && dx) || f.dweight || f.dbias;
+  const bool any = s.outer * s.inner > 0;
+  std::vector<double> sums(2 * C, 0.0), coefficients(6 * C);
+  f.sum_dy = sums.data();
+  f.sum_dy_xmu = sums.data() + C;
+  f.coefficients = coefficients.data();
+  if (!any || !by_channel(s, p, 2 * sizeof(T))) {
+    if (any && sums_needed) grad_sums_typed<T, kRelu>(s, dy, x, f.mean, scale, shift, sums.data(), sums.data() + C);
+    finish(f, 0, C);
+    if (any && dx) grad_input_typed<T, kRelu, kTraining>(s, dy, x, dx, coefficients.data());
+    return;
+  }
+  std::vector<double> s1(sums_needed ? p.size(s) : 0), s2(sums_needed ? p.size(s) : 0);
+  parallel_items(s, C, [&](int64_t c) {
+    if (sums_needed) {
+      for (int64_t a = 0; a < p.n_a; ++a) {
+        for (int64_t b = 0; b < p.n_b; ++b) {
+          grad_partition<T, kRelu>(s, p, dy, x, (a * C + c) * p.n_b + b, Op(scale[c]), Op(shift[c]), f.mean[c],
+                                   s1.data(), s2.data());
+        }
+      }
+      sums[c] = channel_total(s, p, s1.data(), c);
+      sums[C + c] = channel_total(s, p, s2.data(), c);
+    }
+    finish(f, c, c + 1);
+    if (!dx) return;
+    Op k[6];
+    for (int r = 0; r < 6; ++r) k[r] = Op(coefficients[r * C + c]);
+    for (int64_t o = 0; o < s.outer; ++o) {
+      const int64_t at = (o * C + c) * I;
+      grad_input_plane<T, kRelu, kTraining>(dy + at, x + at, dx + at, I, k);
+    }
+  });
+}
+
+template <class T>
+void backward(const BnShape& s, const void* dy, const void* x, void* dx, const BnBackwardFinalize& f,
+              BackwardFinalizeChannels finish, const double* scale, const double* shift, bool relu) {
+  auto g = static_cast<const T*>(dy);
+  auto v = static_cast<const T*>(x);
+  auto out = static_cast<T*>(dx);
+  if (relu && f.training) return backward_typed<T, true, true>(s, g, v, out, f, finish, scale, shift);
+  if (relu) return backward_typed<T, true, false>(s, g, v, out, f, finish, scale, shift);
+  if (f.training) return backward_typed<T, false, true>(s, g, v, out, f, finish, scale, shift);
+  backward_typed<T, false, false>(s, g, v, out, f, finish, scale, shift);
 }
 
 }  // namespace batchnorm

@@ -102,6 +102,11 @@ struct DropoutCall {
                      const double* coefficients, bool relu, bool training);            \
   void bn_finalize(DType param, const BnFinalize&);                                    \
   void bn_backward_finalize(DType param, const BnBackwardFinalize&);                   \
+  /* one call per forward / backward: the steps above, fused per channel where it pays */ \
+  void bn_forward(DType, DType param, const BnShape&, const void* x, void* y, const BnFinalize&, \
+                  bool relu);                                                          \
+  void bn_backward(DType, DType param, const BnShape&, const void* dy, const void* x, void* dx, \
+                   const BnBackwardFinalize&, const double* scale, const double* shift, bool relu); \
   void dropout(DropoutOp, DType, const DropoutCall&);                                  \
   }
 PYFUSED_DECLARE_ISA(baseline)

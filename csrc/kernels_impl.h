@@ -132,6 +132,18 @@ void bn_finalize(DType param, const BnFinalize& f) { PYFUSED_TYPED(param, batchn
 void bn_backward_finalize(DType param, const BnBackwardFinalize& f) {
   PYFUSED_TYPED(param, batchnorm::backward_finalize<T>(f));
 }
+void bn_forward(DType dtype, DType param, const BnShape& s, const void* x, void* y, const BnFinalize& f,
+                bool relu) {
+  batchnorm::FinalizeChannels finalize = nullptr;
+  PYFUSED_TYPED(param, finalize = batchnorm::finalize_channels<T>);
+  PYFUSED_TYPED(dtype, batchnorm::forward<T>(s, x, y, f, finalize, relu));
+}
+void bn_backward(DType dtype, DType param, const BnShape& s, const void* dy, const void* x, void* dx,
+                 const BnBackwardFinalize& f, const double* scale, const double* shift, bool relu) {
+  batchnorm::BackwardFinalizeChannels finish = nullptr;
+  PYFUSED_TYPED(param, finish = batchnorm::backward_finalize_channels<T>);
+  PYFUSED_TYPED(dtype, batchnorm::backward<T>(s, dy, x, dx, f, finish, scale, shift, relu));
+}
 
 #undef PYFUSED_TYPED
 

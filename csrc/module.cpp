@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #if defined(__linux__)
@@ -32,13 +33,16 @@ struct Isa {
   void (*bn_grad_input)(DType, const BnShape&, const void*, const void*, void*, const double*, bool, bool);
   void (*bn_finalize)(DType, const BnFinalize&);
   void (*bn_backward_finalize)(DType, const BnBackwardFinalize&);
+  void (*bn_forward)(DType, DType, const BnShape&, const void*, void*, const BnFinalize&, bool);
+  void (*bn_backward)(DType, DType, const BnShape&, const void*, const void*, void*, const BnBackwardFinalize&,
+                      const double*, const double*, bool);
   void (*dropout)(DropoutOp, DType, const DropoutCall&);
 };
 
 #define PYFUSED_ISA_ENTRY(isa) \
   Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars, \
       isa::norm_powered_sum, isa::bn_stats, isa::bn_normalize, isa::bn_grad_sums, isa::bn_grad_input, \
-      isa::bn_finalize, isa::bn_backward_finalize, \
+      isa::bn_finalize, isa::bn_backward_finalize, isa::bn_forward, isa::bn_backward, \
       isa::dropout}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
@@ -207,6 +211,41 @@ void advise_huge_pages(uintptr_t begin, size_t bytes) {
 #endif
 }
 
+// One call per training or eval forward: saved ([4][channels] doubles) gets mean, invstd, scale
+// and shift; the running stats move in training. An empty batch leaves them as they are.
+void bn_forward(int dtype, int param_dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x,
+                uintptr_t y, uintptr_t weight, uintptr_t bias, uintptr_t running_mean, uintptr_t running_var,
+                bool training, double momentum, double eps, bool relu, uintptr_t saved, int threads) {
+  DType d = checked_dtype(dtype), p = checked_dtype(param_dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  double* out = mutable_address<double>(saved);
+  const double count = double(outer) * double(inner);
+  if (count == 0) {
+    std::fill(out, out + 4 * channels, 0.0);
+    return;
+  }
+  BnFinalize f{channels, training ? 1 : 0, &count, nullptr, nullptr, address<void>(weight), address<void>(bias),
+               mutable_address<void>(running_mean), mutable_address<void>(running_var), momentum, eps, out,
+               out + channels, out + 2 * channels, out + 3 * channels};
+  py::gil_scoped_release no_gil;
+  isa().bn_forward(d, p, s, address<void>(x), mutable_address<void>(y), f, relu);
+}
+
+// One call per backward, from bn_forward's saved values: dx (if not 0), dweight and dbias (if not 0).
+void bn_backward(int dtype, int param_dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t dy,
+                 uintptr_t x, uintptr_t dx, uintptr_t saved, uintptr_t weight, uintptr_t bias, uintptr_t dweight,
+                 uintptr_t dbias, bool training, bool relu, int threads) {
+  DType d = checked_dtype(dtype), p = checked_dtype(param_dtype);
+  BnShape s = bn_shape(outer, channels, inner, threads);
+  const double* values = address<double>(saved);
+  BnBackwardFinalize f{channels, double(outer) * double(inner), training, nullptr, nullptr, values,
+                       values + channels, address<void>(weight), address<void>(bias), mutable_address<void>(dweight),
+                       mutable_address<void>(dbias), nullptr};
+  py::gil_scoped_release no_gil;
+  isa().bn_backward(d, p, s, address<void>(dy), address<void>(x), mutable_address<void>(dx), f,
+                    values + 2 * channels, values + 3 * channels, relu);
+}
+
 void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, double p,
              double scale, uintptr_t x, uintptr_t out, uintptr_t residual, uintptr_t bias,
              int64_t bias_numel, int threads, bool fresh_out) {
@@ -265,6 +304,9 @@ PYBIND11_MODULE(_C, m) {
         "Merges per-channel statistics, updates the running stats, writes mean, invstd, scale, shift.");
   m.def("bn_backward_finalize", &pyfused::bn_backward_finalize,
         "dweight, dbias and the grad_input coefficients from the per-channel grad sums.");
+  m.def("bn_forward", &pyfused::bn_forward,
+        "Training or eval forward in one call: statistics, running stats, y; [4][C] saved values.");
+  m.def("bn_backward", &pyfused::bn_backward, "dx, dweight and dbias in one call, from bn_forward's saved values.");
   m.def("isa", [] { return std::string(pyfused::isa().name); },
         "The instruction set the kernels run with.");
 }

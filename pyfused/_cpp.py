@@ -130,6 +130,28 @@ def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
     return dx
 
 
+def bn_forward(x, shape, param_code, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    """One call: y, and the [4, C] saved values (mean, invstd, scale, shift); the running stats
+    move in training."""
+    y = torch.empty_like(x)
+    saved = torch.empty(4, shape[1], dtype=torch.float64)
+    _C.bn_forward(DTYPE_CODES[x.dtype], param_code, *shape, x.data_ptr(), y.data_ptr(), _address(weight),
+                  _address(bias), _address(running_mean), _address(running_var), training, momentum, eps, relu,
+                  saved.data_ptr(), torch.get_num_threads())
+    return y, saved
+
+
+def bn_backward(dy, x, shape, saved, param_code, weight, bias, need_x, need_w, need_b, training, relu):
+    """One call: (dx, dweight, dbias), None for each grad not wanted."""
+    dx = torch.empty_like(x) if need_x else None
+    dweight = torch.empty_like(weight) if need_w else None
+    dbias = torch.empty_like(bias) if need_b else None
+    _C.bn_backward(DTYPE_CODES[x.dtype], param_code, *shape, dy.data_ptr(), x.data_ptr(), _address(dx),
+                   saved.data_ptr(), _address(weight), _address(bias), _address(dweight), _address(dbias),
+                   training, relu, torch.get_num_threads())
+    return dx, dweight, dbias
+
+
 # Must match csrc/kernels.h's DropoutOp.
 DROPOUT_SCALE, DROPOUT_ADD_RESIDUAL = 0, 1
 

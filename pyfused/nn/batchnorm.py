@@ -110,44 +110,90 @@ def _flat(t):
     return None if t is None else t if t.is_contiguous() else t.contiguous()
 
 
+def _split_forward(kernels, xd, shape, param_code, w, b, stats_out, training, momentum, eps, relu, group):
+    """The forward in separate steps (Triton, and SyncBatchNorm, whose collective sits between the
+    statistics and their finalization): (y, saved, count over every process)."""
+    channels = shape[1]
+    count = shape[0] * shape[2]
+    per_channel = dict(device=xd.device, dtype=torch.float64)
+    if training:
+        local = kernels.bn_stats(xd, shape) if count else torch.zeros(2, channels, **per_channel)
+        if group is not None:
+            import torch.distributed as dist
+
+            packed = torch.cat([torch.full((1,), float(count), **per_channel), local.flatten()])
+            gathered = packed.new_empty(dist.get_world_size(group) * packed.numel())  # flat, for gloo
+            dist.all_gather_into_tensor(gathered, packed, group=group)
+            gathered = gathered.view(-1, packed.numel())
+            counts = gathered[:, 0].contiguous()
+            stats = gathered[:, 1:].reshape(-1, 2, channels)
+            count = int(counts.sum().item())
+        else:
+            counts = torch.full((1,), float(count), **per_channel)
+            stats = local[None]
+    else:
+        counts, stats = None, torch.empty(0, 2, channels, **per_channel)
+    if count == 0:  # torch: an empty batch leaves the running stats as they are
+        saved = torch.zeros(4, channels, **per_channel)
+    else:
+        saved = kernels.bn_finalize(param_code, counts, stats, w, b, *stats_out, momentum, eps)
+    y = kernels.bn_normalize(xd, shape, saved[2], saved[3], relu) if xd.numel() else torch.empty_like(xd)
+    return y, saved, count
+
+
+def _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, needs, training, relu, group):
+    """The backward in separate steps (Triton, and SyncBatchNorm, whose collective sits between
+    the grad sums and dx)."""
+    need_x, need_w, need_b = needs
+    dweight = torch.zeros_like(w) if need_w else None
+    dbias = torch.zeros_like(b) if need_b else None
+    if xd.numel() == 0 and group is None:
+        return torch.empty_like(xd) if need_x else None, dweight, dbias
+    mean, invstd = saved[0], saved[1]
+    if xd.numel():
+        sums = kernels.bn_grad_sums(dy, xd, shape, mean, saved[2], saved[3], relu)
+    else:
+        sums = torch.zeros(2, shape[1], device=xd.device, dtype=torch.float64)
+    if group is not None:
+        # dweight and dbias are this process's share, as with torch's SyncBatchNorm (DDP sums
+        # them); dx needs the sums over every process.
+        kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, dweight, dbias)
+        if need_x:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums, group=group)
+        coefficients = kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, None, None)
+    else:
+        coefficients = kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, dweight, dbias)
+    dx = None
+    if need_x:
+        dx = kernels.bn_grad_input(dy, xd, shape, coefficients, relu, training) if xd.numel() else torch.empty_like(xd)
+    return dx, dweight, dbias
+
+
 class _BatchNorm(torch.autograd.Function):
+    """On CPU without a process group, one C++ call per forward and one per backward
+    (csrc/batchnorm.h's forward and backward); otherwise the steps one by one."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu, group):
         kernels = _kernels(x.device)
-        param = next((t for t in (weight, bias, running_mean, running_var) if t is not None), None)
+        param = weight if weight is not None else next(
+            (t for t in (bias, running_mean, running_var) if t is not None), None)
         param_code = _cpp.DTYPE_CODES[param.dtype if param is not None else torch.float32]
         xd, shape = _dense(x)
-        channels = shape[1]
-        count = shape[0] * shape[2]
-        per_channel = dict(device=x.device, dtype=torch.float64)
         w, b = _flat(weight), _flat(bias)
         # The running stats are updated in place: a non-contiguous one goes through a copy.
-        stats_out = [t if t is None or t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
-        if training:
-            local = kernels.bn_stats(xd, shape) if count else torch.zeros(2, channels, **per_channel)
-            if group is not None:
-                import torch.distributed as dist
-
-                packed = torch.cat([torch.full((1,), float(count), **per_channel), local.flatten()])
-                gathered = packed.new_empty(dist.get_world_size(group) * packed.numel())  # flat, for gloo
-                dist.all_gather_into_tensor(gathered, packed, group=group)
-                gathered = gathered.view(-1, packed.numel())
-                counts = gathered[:, 0].contiguous()
-                stats = gathered[:, 1:].reshape(-1, 2, channels)
-                count = int(counts.sum().item())
-            else:
-                counts = torch.full((1,), float(count), **per_channel)
-                stats = local[None]
+        stats_out = (_flat(running_mean), _flat(running_var))
+        if kernels is _cpp and group is None:
+            y, saved = _cpp.bn_forward(xd, shape, param_code, w, b, *stats_out, training, momentum, eps, relu)
+            count = shape[0] * shape[2]
         else:
-            counts, stats = None, torch.empty(0, 2, channels, **per_channel)
-        if count == 0:  # torch: an empty batch leaves the running stats as they are
-            saved = torch.zeros(4, channels, **per_channel)
-        else:
-            saved = kernels.bn_finalize(param_code, counts, stats, w, b, *stats_out, momentum, eps)
-            for kept, written in zip((running_mean, running_var), stats_out):
-                if kept is not None and written is not kept:
-                    kept.copy_(written)
-        y = kernels.bn_normalize(xd, shape, saved[2], saved[3], relu) if xd.numel() else torch.empty_like(xd)
+            y, saved, count = _split_forward(kernels, xd, shape, param_code, w, b, stats_out, training, momentum,
+                                             eps, relu, group)
+        for kept, written in zip((running_mean, running_var), stats_out):
+            if written is not kept:
+                kept.copy_(written)
         ctx.save_for_backward(xd, w, b, saved)
         ctx.config = (param_code, shape, count, training, relu, group)
         return y
@@ -158,32 +204,13 @@ class _BatchNorm(torch.autograd.Function):
         xd, w, b, saved = ctx.saved_tensors
         param_code, shape, count, training, relu, group = ctx.config
         kernels = _kernels(xd.device)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dweight = torch.zeros_like(w) if need_w else None
-        dbias = torch.zeros_like(b) if need_b else None
-        if xd.numel() == 0 and group is None:
-            return (torch.empty_like(xd) if need_x else None, dweight, dbias) + (None,) * 7
         dy = _same_layout(dy, xd)
-        mean, invstd = saved[0], saved[1]
-        if xd.numel():
-            sums = kernels.bn_grad_sums(dy, xd, shape, mean, saved[2], saved[3], relu)
+        if kernels is _cpp and group is None:
+            grads = _cpp.bn_backward(dy, xd, shape, saved, param_code, w, b, *ctx.needs_input_grad[:3], training, relu)
         else:
-            sums = torch.zeros(2, shape[1], device=xd.device, dtype=torch.float64)
-        if group is not None:
-            # dweight and dbias are this process's share, as with torch's SyncBatchNorm (DDP sums
-            # them); dx needs the sums over every process.
-            kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, dweight, dbias)
-            if need_x:
-                import torch.distributed as dist
-
-                dist.all_reduce(sums, group=group)
-            coefficients = kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, None, None)
-        else:
-            coefficients = kernels.bn_backward_finalize(param_code, count, training, sums, mean, invstd, w, b, dweight, dbias)
-        dx = None
-        if need_x:
-            dx = kernels.bn_grad_input(dy, xd, shape, coefficients, relu, training) if xd.numel() else torch.empty_like(xd)
-        return (dx, dweight, dbias) + (None,) * 7
+            grads = _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, ctx.needs_input_grad[:3],
+                                    training, relu, group)
+        return grads + (None,) * 7
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
