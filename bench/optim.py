@@ -25,6 +25,7 @@ OPTIMIZERS = {  # name: (hyperparameters, bytes counted per element)
     "RMSprop": ({}, 20),
     "Adam": ({}, 28),
     "AdamW": ({}, 28),
+    "Adadelta": ({}, 28),  # read param, grad, square_avg, acc_delta; write param and both states
 }
 IMPLS = ("pyfused", "torch-forloop", "torch-foreach", "torch-fused")
 

@@ -7,7 +7,7 @@ namespace pyfused {
 
 // Values must match pyfused/_cpp.py.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRmsprop = 2, kAdam = 3 };
+enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRmsprop = 2, kAdam = 3, kAdadelta = 4 };
 
 // What Python hands over for one (param group, dtype): addresses[role * n_tensors + i] is the
 // address of tensor i's data in that role; steps and flags are optional per-tensor rows.

@@ -32,6 +32,7 @@ void step_for_type(Optimizer optimizer, const TensorTable& table, const double* 
     case Optimizer::kAdagrad: return run<Adagrad, T>(table, hyper);
     case Optimizer::kRmsprop: return run<Rmsprop, T>(table, hyper);
     case Optimizer::kAdam: return run<Adam, T>(table, hyper);
+    case Optimizer::kAdadelta: return run<Adadelta, T>(table, hyper);
   }
 }
 
@@ -41,6 +42,7 @@ int scalars_per_tensor(Optimizer optimizer) {
     case Optimizer::kAdagrad: return Adagrad::Update<float, false>::kScalars;
     case Optimizer::kRmsprop: return Rmsprop::Update<float, false, false, false>::kScalars;
     case Optimizer::kAdam: return Adam::Update<float, false, false>::kScalars;
+    case Optimizer::kAdadelta: return Adadelta::Update<float, false>::kScalars;
   }
   return -1;
 }
@@ -51,6 +53,7 @@ int hyper_size(Optimizer optimizer) {
     case Optimizer::kAdagrad: return sizeof(Adagrad::Hyper) / sizeof(double);
     case Optimizer::kRmsprop: return sizeof(Rmsprop::Hyper) / sizeof(double);
     case Optimizer::kAdam: return sizeof(Adam::Hyper) / sizeof(double);
+    case Optimizer::kAdadelta: return sizeof(Adadelta::Hyper) / sizeof(double);
   }
   return -1;
 }
@@ -62,6 +65,7 @@ void scalars_for_type(Optimizer optimizer, const TensorTable& table, const doubl
     case Optimizer::kAdagrad: return export_scalars<Adagrad, T>(table, hyper, out);
     case Optimizer::kRmsprop: return export_scalars<Rmsprop, T>(table, hyper, out);
     case Optimizer::kAdam: return export_scalars<Adam, T>(table, hyper, out);
+    case Optimizer::kAdadelta: return export_scalars<Adadelta, T>(table, hyper, out);
   }
 }
 

@@ -78,7 +78,7 @@ template <class T>
 const T* address(uintptr_t value) { return reinterpret_cast<const T*>(value); }
 
 Optimizer checked_optimizer(int optimizer, int dtype, const std::vector<double>& hyper) {
-  if (optimizer < 0 || optimizer > int(Optimizer::kAdam)) throw py::value_error("unknown optimizer");
+  if (optimizer < 0 || optimizer > int(Optimizer::kAdadelta)) throw py::value_error("unknown optimizer");
   if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
   int expected = isa().hyper_size(Optimizer(optimizer));
   if (int(hyper.size()) != expected) {

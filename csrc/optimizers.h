@@ -253,5 +253,48 @@ struct Adam {
   }
 };
 
+struct Adadelta {
+  struct Hyper { double lr, rho, eps, weight_decay, maximize; };
+
+  template <class Op, bool kL2>
+  struct Update {
+    enum { kParam, kGrad, kSquareAvg, kAccDelta };
+    static constexpr int kRoles = 4;
+    static constexpr unsigned kWrites = 0b1101u;
+    static constexpr bool kCountsSteps = true;
+    struct Scalars {};
+    static constexpr int kScalars = 0;
+
+    explicit Update(const Hyper& h)
+        : neg_lr(Op(-h.lr)), rho(Op(h.rho)), one_minus_rho(Op(1 - h.rho)), eps(Op(h.eps)),
+          weight_decay(Op(h.weight_decay)), grad_sign(h.maximize != 0 ? Op(-1) : Op(1)) {}
+
+    Scalars scalars(double, int64_t) const { return {}; }
+
+    void operator()(Op* v, const Scalars&) const {
+      Op& param = v[kParam];
+      Op grad = v[kGrad] * grad_sign;
+      if constexpr (kL2) grad = mul_add(param, weight_decay, grad);  // grad.add(param, alpha=weight_decay)
+      Op& square_avg = v[kSquareAvg];
+      Op& acc_delta = v[kAccDelta];
+      // square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+      square_avg = mul_add(one_minus_rho * grad, grad, square_avg * rho);
+      Op std_ = std::sqrt(square_avg + eps);  // square_avg.add(eps).sqrt_()
+      // acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
+      Op delta = std::sqrt(acc_delta + eps) / std_ * grad;
+      // acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+      acc_delta = mul_add(one_minus_rho * delta, delta, acc_delta * rho);
+      param = mul_add(delta, neg_lr, param);  // param.add_(delta, alpha=-lr)
+    }
+
+    Op neg_lr, rho, one_minus_rho, eps, weight_decay, grad_sign;
+  };
+
+  template <class T, class Run>
+  static void with_update(const Hyper& h, Run&& run) {
+    with_flags([&](auto l2) { run(Update<OpMath<T>, l2>(h)); }, h.weight_decay != 0);
+  }
+};
+
 }  // namespace PYFUSED_ISA
 }  // namespace pyfused

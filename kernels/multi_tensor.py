@@ -24,7 +24,7 @@ import triton.language as tl
 from pyfused.kernels import optimizers
 
 # The OPTIMIZER constexpr; pyfused/_triton.py maps kernel names to these.
-SGD, ADAGRAD, RMSPROP, ADAM = (tl.constexpr(i) for i in range(4))
+SGD, ADAGRAD, RMSPROP, ADAM, ADADELTA = (tl.constexpr(i) for i in range(5))
 
 
 @triton.jit
@@ -94,6 +94,8 @@ def _update_block(
         p, s0, s1, s2 = optimizers.adagrad(p, g, s0, s1, s2, hyper, scalars, OP, L2)
     elif OPTIMIZER == RMSPROP:
         p, s0, s1, s2 = optimizers.rmsprop(p, g, s0, s1, s2, hyper, scalars, OP, L2, MOMENTUM, CENTERED)
+    elif OPTIMIZER == ADADELTA:
+        p, s0, s1, s2 = optimizers.adadelta(p, g, s0, s1, s2, hyper, scalars, OP, L2)
     else:
         p, s0, s1, s2 = optimizers.adam(p, g, s0, s1, s2, hyper, scalars, OP, AMSGRAD, L2)
 

@@ -170,6 +170,25 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: t
 
 
 @triton.jit
+def adadelta(param, grad, square_avg, acc_delta, unused, hyper, scalars, OP: tl.constexpr, L2: tl.constexpr):
+    # Hyper: lr, rho, eps, weight_decay, maximize. No scalars.
+    lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
+    rho = tl.load(hyper + 1).to(tl.float64, bitcast=True)
+    eps = tl.load(hyper + 2).to(tl.float64, bitcast=True)
+    weight_decay = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    maximize = tl.load(hyper + 4).to(tl.float64, bitcast=True)
+    grad = grad * _grad_sign(maximize, OP)
+    if L2:
+        grad = _mul_add(param, weight_decay.to(OP), grad)
+    square_avg = _mul_add((1.0 - rho).to(OP) * grad, grad, square_avg * rho.to(OP))
+    std = _sqrt(square_avg + eps.to(OP), OP)
+    delta = _div(_sqrt(acc_delta + eps.to(OP), OP), std, OP) * grad
+    acc_delta = _mul_add((1.0 - rho).to(OP) * delta, delta, acc_delta * rho.to(OP))
+    param = _mul_add(delta, (-lr).to(OP), param)
+    return param, square_avg, acc_delta, unused
+
+
+@triton.jit
 def _pow(base, exponent):
     return tl.exp2(exponent * tl.log2(base))
 
@@ -190,7 +209,7 @@ def tensor_scalars(OPTIMIZER: tl.constexpr, step, lr, hyper):
         bias_correction1 = 1.0 - _pow(beta1 + zero, step)
         bias_correction2 = 1.0 - _pow(beta2 + zero, step)
         return -(lr / bias_correction1), tl.sqrt(bias_correction2)
-    else:  # SGD (never capturable in torch) and RMSprop have none
+    else:  # SGD (never capturable in torch), RMSprop and Adadelta have none
         return zero, zero
 
 
@@ -207,4 +226,6 @@ def mode(kernel: str, hyper: tuple) -> dict:
     if kernel == "adam":
         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled = hyper
         return dict(AMSGRAD=amsgrad != 0, L2=weight_decay != 0 and decoupled == 0)
+    if kernel == "adadelta":
+        return dict(L2=hyper[3] != 0)
     raise ValueError(f"unknown optimizer kernel {kernel!r}")

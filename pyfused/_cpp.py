@@ -14,7 +14,7 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
 _C.isa()  # a bad PYFUSED_CPU_ISA is refused at import, not at the first step
 
 # Must match csrc/kernels.h.
-OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
+OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3, "adadelta": 4}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 REAL_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # complex as its real view
 

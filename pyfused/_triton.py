@@ -13,7 +13,7 @@ import torch
 
 from pyfused import _cpp
 
-_OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}  # kernels/multi_tensor.py
+_OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3, "adadelta": 4}  # kernels/multi_tensor.py
 # Compiled kernels want enough programs per SM; the interpreter wants few, large blocks.
 _COMPILED_BLOCK, _COMPILED_CHUNK = 1024, 16384
 _BLOCK, _CHUNK = (4096, 16384) if os.environ.get("TRITON_INTERPRET") == "1" else (_COMPILED_BLOCK, _COMPILED_CHUNK)

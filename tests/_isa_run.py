@@ -10,7 +10,7 @@ import torch
 from pyfused import _cpp
 from pyfused.check import optim_cases as oc
 
-CASES = ["SGD-nesterov_wd_maximize", "Adagrad-all", "RMSprop-all", "Adam-amsgrad_wd_maximize", "AdamW-tensor_lr"]
+CASES = ["SGD-nesterov_wd_maximize", "Adagrad-all", "RMSprop-all", "Adam-amsgrad_wd_maximize", "AdamW-tensor_lr", "Adadelta-all"]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = (1, 7, 33, 4097, 100_003)
 

@@ -38,6 +38,7 @@ CONFIGS = {
     "Adagrad": (dict(lr=0.1, weight_decay=0.01), dict(fused=True)),
     # torch has no fused RMSprop: its for-loop, which GradScaler unscales in a pass of its own
     "RMSprop": (dict(lr=0.01, momentum=0.5, centered=True), dict(foreach=False)),
+    "Adadelta": (dict(lr=0.5, weight_decay=0.01), dict(foreach=False)),  # no fused Adadelta in torch either
 }
 # pyfused follows torch's for-loop arithmetic (and its roundings); torch's fused CPU kernels group
 # the bias corrections and the update differently. Each step differs by a few ulps, and 30 steps
@@ -161,6 +162,7 @@ SKIP_CONFIGS = [
     ("SGD", dict(lr=0.1)),
     ("Adagrad", dict(lr=0.1, lr_decay=0.01)),
     ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True)),
+    ("Adadelta", dict(lr=0.5, rho=0.5, weight_decay=0.1, maximize=True)),
 ]
 
 

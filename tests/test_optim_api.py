@@ -76,6 +76,10 @@ BAD_ARGUMENTS = [
     ("RMSprop", {"eps": -1.0}, ValueError, "Invalid epsilon value: -1.0"),
     ("RMSprop", {"momentum": -1.0}, ValueError, "Invalid momentum value: -1.0"),
     ("RMSprop", {"weight_decay": -1.0}, ValueError, "Invalid weight_decay value: -1.0"),
+    ("Adadelta", {"rho": 1.5}, ValueError, "Invalid rho value: 1.5"),
+    ("Adadelta", {"rho": -0.1}, ValueError, "Invalid rho value: -0.1"),
+    ("Adadelta", {"eps": -1e-6}, ValueError, "Invalid epsilon value: -1e-06"),
+    ("Adadelta", {"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
     *[
         row
         for name in ("Adam", "AdamW")
@@ -94,6 +98,7 @@ BAD_ARGUMENTS = [
     ("SGD", {"betas": (0.9, 0.99)}, TypeError, "SGD.__init__() got an unexpected keyword argument 'betas'"),
     ("Adagrad", {"capturable": True}, TypeError, "Adagrad.__init__() got an unexpected keyword argument 'capturable'"),
     ("RMSprop", {"fused": True}, TypeError, "RMSprop.__init__() got an unexpected keyword argument 'fused'"),
+    ("Adadelta", {"fused": True}, TypeError, "Adadelta.__init__() got an unexpected keyword argument 'fused'"),
 ]
 
 
@@ -158,7 +163,7 @@ REFUSED_AT_CONSTRUCTION = [
     *[(name, {"differentiable": True}, RuntimeError,
        f"pyfused.optim.{name} does not support `differentiable`; use torch.optim for that") for name in OPTIMIZERS],
     *[(name, {"capturable": True}, RuntimeError, f"pyfused.optim.{name} supports capturable=True only for CUDA params")
-      for name in ("RMSprop", "Adam", "AdamW")],
+      for name in ("RMSprop", "Adam", "AdamW", "Adadelta")],
 ]
 
 
@@ -221,7 +226,7 @@ BAD_STEP_INPUTS = [
                           "bfloat16 params (and complex64, complex128 as their real view)"),
 ]
 RICH_CASES = {"SGD": "SGD-momentum_wd_maximize", "Adagrad": "Adagrad-all", "RMSprop": "RMSprop-all",
-              "Adam": "Adam-amsgrad_wd_maximize", "AdamW": "AdamW-amsgrad_wd_maximize"}
+              "Adam": "Adam-amsgrad_wd_maximize", "AdamW": "AdamW-amsgrad_wd_maximize", "Adadelta": "Adadelta-all"}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -351,7 +356,7 @@ def test_state_in_another_layout_than_its_param_loads(name):
     assert_same_state(*run(case.pyfused_cls), *run(case.torch_cls))
 
 
-@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])  # Adagrad makes all state at construction
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW", "Adadelta"])  # Adagrad makes all state at construction
 def test_checkpoint_with_float64_steps_resumes_with_new_state(name):
     """Param 1 had no grad when the checkpoint was taken: its state (a float32 step) is created
     after loading, beside param 0's float64 step. torch's for-loop counts each on its own."""
@@ -438,11 +443,11 @@ def _scheduled_run(cls, kwargs, make_scheduler, steps=15):
 
 
 SCHEDULER_KWARGS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adagrad": {"lr": 0.05}, "RMSprop": {"lr": 0.01, "momentum": 0.5},
-                    "Adam": {"lr": 0.01}, "AdamW": {"lr": torch.tensor(0.01)}}
+                    "Adam": {"lr": 0.01}, "AdamW": {"lr": torch.tensor(0.01)}, "Adadelta": {"lr": 0.5}}
 
 
 SCHEDULER_RUNS = [(n, s) for s in SCHEDULERS for n in OPTIMIZERS]
-SCHEDULER_RUNS += [(n, s) for s in MOMENTUM_SCHEDULERS for n in OPTIMIZERS if n != "Adagrad"]
+SCHEDULER_RUNS += [(n, s) for s in MOMENTUM_SCHEDULERS for n in OPTIMIZERS if n not in ("Adagrad", "Adadelta")]
 
 
 @pytest.mark.parametrize("name, scheduler", SCHEDULER_RUNS, ids=[f"{s}-{n}" for n, s in SCHEDULER_RUNS])
@@ -566,6 +571,7 @@ EDITS = {  # every option that can change mid-run without torch needing new stat
     "RMSprop": {"lr": 0.003, "alpha": 0.5, "eps": 1e-3, "weight_decay": 0.0, "momentum": 0.2, "maximize": False},
     "Adam": {"lr": 0.03, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.0, "maximize": False},
     "AdamW": {"lr": 0.03, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.5, "maximize": False},
+    "Adadelta": {"lr": 0.3, "rho": 0.5, "eps": 1e-3, "weight_decay": 0.0, "maximize": False},
 }
 
 

@@ -111,6 +111,7 @@ WRONG = [
     ("RMSprop-alpha", {"alpha": 0.901}),
     ("Adam-plain", {"betas": (0.9, 0.998)}),
     ("AdamW-weight_decay", {"weight_decay": 0.099}),
+    ("Adadelta-plain", {"rho": 0.901}),
 ]
 
 

@@ -76,6 +76,7 @@ FUSED = {
     "Adam": dict(lr=1e-2, weight_decay=0.01),
     "AdamW": dict(lr=1e-2, amsgrad=True),
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "Adadelta": dict(lr=0.5, weight_decay=0.01),
 }
 
 

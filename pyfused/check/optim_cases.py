@@ -28,6 +28,7 @@ OPTIMIZERS = {  # name: (torch's class, pyfused's class)
     "RMSprop": (torch.optim.RMSprop, pyfused.optim.RMSprop),
     "Adam": (torch.optim.Adam, pyfused.optim.Adam),
     "AdamW": (torch.optim.AdamW, pyfused.optim.AdamW),
+    "Adadelta": (torch.optim.Adadelta, pyfused.optim.Adadelta),
 }
 
 # The optimizers torch 2.13 has a CPU fused=True path for.
@@ -154,6 +155,15 @@ CASES = [
         )
     ],
     _case("Adam", "decoupled_weight_decay", weight_decay=0.1, decoupled_weight_decay=True),
+    # Adadelta: lr, rho, eps, weight_decay, maximize
+    _case("Adadelta", "plain"),
+    _case("Adadelta", "lr", lr=0.1),
+    _case("Adadelta", "rho", rho=0.5, weight_decay=0.01),
+    _case("Adadelta", "eps", eps=1e-3),
+    _case("Adadelta", "weight_decay", weight_decay=0.1),
+    _case("Adadelta", "maximize", weight_decay=0.1, maximize=True),
+    _case("Adadelta", "all", lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.01, maximize=True),
+    _case("Adadelta", "tensor_lr", lr=torch.tensor(0.1), weight_decay=0.1),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"

@@ -14,6 +14,7 @@ CASES = [
     ("Adam", dict(lr=1e-2, weight_decay=0.0625, amsgrad=True)),
     ("AdamW", dict(lr=1e-2, maximize=True)),
     ("RMSprop", dict(lr=1e-2, momentum=0.5, centered=True)),
+    ("Adadelta", dict(lr=0.5, weight_decay=0.01, maximize=True)),
 ]
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 

@@ -94,6 +94,7 @@ OPTIMIZERS = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True),
     "Adagrad": dict(lr=0.1),
     "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+    "Adadelta": dict(lr=0.5, weight_decay=0.01),
 }
 
 

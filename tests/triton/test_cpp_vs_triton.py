@@ -44,6 +44,7 @@ CONFIGS = {
     "Adam": [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True, weight_decay=0.1, maximize=True),
              dict(lr=1e-2, betas=(0.2, 0.5))],  # beta1 < 0.5 takes lerp's other formula
     "AdamW": [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True)],
+    "Adadelta": [dict(), dict(lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.1, maximize=True)],
 }
 CASES = [(name, kw) for name, kws in CONFIGS.items() for kw in kws]
 SIZES = (0, 1, 7, 4097, 16385)  # 16385: a chunk boundary and a one-element tail chunk

@@ -28,10 +28,11 @@ HYPERS = {
     "adagrad": [(0.1, 0.0, wd, 1e-10, 0.0) for wd in (0.0, 0.1)],
     "rmsprop": [(0.01, 0.99, 1e-8, wd, m, c, 0.0) for wd, m, c in itertools.product((0.0, 0.1), (0.0, 0.9), (0.0, 1.0))],
     "adam": [(1e-3, 0.9, 0.999, 1e-8, wd, a, 0.0, d) for wd, a, d in itertools.product((0.0, 0.1), (0.0, 1.0), (0.0, 1.0))],
+    "adadelta": [(1.0, 0.9, 1e-6, wd, 0.0) for wd in (0.0, 0.1)],
 }
 STATES = {"sgd": lambda m: int(m["MOMENTUM"]), "adagrad": lambda m: 1,
           "rmsprop": lambda m: 1 + int(m["MOMENTUM"]) + int(m["CENTERED"]),
-          "adam": lambda m: 3 if m["AMSGRAD"] else 2}
+          "adam": lambda m: 3 if m["AMSGRAD"] else 2, "adadelta": lambda m: 2}
 
 
 def variants():
@@ -73,6 +74,8 @@ def fmas_per_element(kernel, mode):
         return mode["L2"] + 1
     if kernel == "rmsprop":  # L2 add; square_avg addcmul_; centered: lerp_ and addcmul; momentum: param.add_
         return mode["L2"] + 1 + 2 * mode["CENTERED"] + mode["MOMENTUM"]
+    if kernel == "adadelta":  # L2 add; square_avg and acc_delta addcmul_; param.add_(alpha=-lr)
+        return mode["L2"] + 3
     return mode["L2"] + 2  # adam: L2 add; exp_avg.lerp_; exp_avg_sq addcmul_
 
 
@@ -94,7 +97,7 @@ def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
     assert not re.search(rf"\bfma\.rn\.{other}\b", ptx)
 
 
-@pytest.mark.parametrize("kernel", ["sgd", "adagrad", "rmsprop", "adam"])
+@pytest.mark.parametrize("kernel", ["sgd", "adagrad", "rmsprop", "adam", "adadelta"])
 def test_aligned_fp32_moves_128_bit_words(kernel):
     hyper, mode = next((h, m) for k, h, m in VARIANTS if k == kernel)
     aligned = compile_variant(kernel, hyper, mode, "fp32", aligned=True).asm["ptx"]
@@ -105,7 +108,7 @@ def test_aligned_fp32_moves_128_bit_words(kernel):
     assert not re.search(r"ld\.global(\.\w+)*\.v4", unaligned)
 
 
-@pytest.mark.parametrize("kernel", ["rmsprop", "adam"])  # torch's capturable optimizers
+@pytest.mark.parametrize("kernel", ["rmsprop", "adam", "adadelta"])  # torch's capturable optimizers
 @pytest.mark.parametrize("step_type", [tl.float32, tl.float64], ids=["step-fp32", "step-fp64"])
 def test_capturable_prologue_compiles_for_sm90(kernel, step_type):
     optimizer = _triton._OPTIMIZERS[kernel]
