@@ -12,6 +12,7 @@ import torch
 
 from pyfused import check
 from pyfused.check import __main__ as cli
+from pyfused.check import clip_cases
 
 # A relative error of 1e-3 in every update (or norm): 100 fp32 ulps, a quarter of a bf16 ulp.
 PERTURB = 1e-3
@@ -76,7 +77,7 @@ def test_optimizer_cases_fail_when_perturbed(item):
 def test_fused_clipping_fails_when_perturbed():
     """Its tolerance is torch's norm error (5e-4 relative), so it takes a larger perturbation."""
     checks = {c.case: c for c in check.family_checks("clip", "cpp", quick=True) if c.case.startswith("fused-")}
-    assert set(checks) == {"fused-Adam", "fused-AdamW", "fused-SGD"}
+    assert set(checks) == {f"fused-{name}" for name in clip_cases.FUSED}
     for item in checks.values():
         assert check.run_check("clip", "cpp", item).status == "PASS"
         with check._perturbed(0.05):

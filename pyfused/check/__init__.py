@@ -177,7 +177,9 @@ def _perturbed(eps):
     catches a wrong kernel. Each optimizer kernel runs with its lr scaled by (1 + eps) (every
     optimizer's first scalar is lr; the update and decoupled weight decay move with it); each
     global norm's powered sum, and each batch norm's per-channel mean and sum of squared
-    deviations (hence its output, grads and running stats), are scaled by (1 + eps); dropout
+    deviations (hence its output, grads and running stats), are scaled by (1 + eps); so are the
+    outputs of the CPU's one-call batch norm (y and its saved statistics, then dx, dweight and
+    dbias), whose statistics never come back to Python; dropout
     multiplies its kept elements by scale * (1 + eps). ``python -m pyfused.check`` applies it when
     PYFUSED_CHECK_PERTURB=<eps> is set."""
     from pyfused import _cpp, _triton  # _triton imports triton only when a kernel launches
@@ -194,6 +196,16 @@ def _perturbed(eps):
 
         return wrapped
 
+    def scaled_outputs(kernel):
+        def wrapped(*args):
+            outputs = kernel(*args)
+            for t in outputs:
+                if t is not None:
+                    t.mul_(1 + eps)
+            return outputs
+
+        return wrapped
+
     def scaled_dropout(dropout):
         def wrapped(op, dtype_code, numel, group, seed, p, scale, *args):  # both backends' order
             return dropout(op, dtype_code, numel, group, seed, p, scale * (1 + eps), *args)
@@ -204,6 +216,7 @@ def _perturbed(eps):
         (_cpp, "optimizer_step", scaled_lr), (_triton, "optimizer_step", scaled_lr),
         (_cpp, "norm_powered_sum", scaled_result), (_triton, "norm_powered_sum", scaled_result),
         (_cpp, "bn_stats", scaled_result), (_triton, "bn_stats", scaled_result),
+        (_cpp, "bn_forward", scaled_outputs), (_cpp, "bn_backward", scaled_outputs),
         (_cpp, "dropout", scaled_dropout), (_triton, "dropout", scaled_dropout),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
