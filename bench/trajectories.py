@@ -35,7 +35,7 @@ FUNCTIONS = {  # name: (f, start, minimum or None, x range, y range, log-spaced 
     "Beale": (beale, (1.0, 1.5), (3.0, 0.5), (-1.0, 4.0), (-1.5, 2.0), True, (3e-3, 0.05)),
     "saddle x^2 - y^2": (saddle, (-1.0, 1e-3), None, (-1.5, 1.5), (-1.5, 1.5), False, (2e-2, 0.02)),
 }
-OPTIMIZERS = {  # label: (pyfused.optim class, hyperparameters, adaptive)
+OPTIMIZERS = {  # label: (pyfused.optim class, hyperparameters (an lr here overrides the function's), adaptive)
     "SGD": ("SGD", {}, False),
     "momentum": ("SGD", {"momentum": 0.9}, False),
     "Nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}, False),
@@ -43,12 +43,13 @@ OPTIMIZERS = {  # label: (pyfused.optim class, hyperparameters, adaptive)
     "RMSprop": ("RMSprop", {}, True),
     "Adam": ("Adam", {}, True),
     "AdamW": ("AdamW", {"weight_decay": 0.1}, True),
+    "Adadelta": ("Adadelta", {"lr": 1.0}, True),  # torch's default lr: its steps are rescaled by its own history
 }
 
 
 def path(f, start, name, hyper, lr, steps) -> list[tuple[float, float]]:
     p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    opt = getattr(pyfused.optim, name)([p], lr=lr, **hyper)
+    opt = getattr(pyfused.optim, name)([p], **{"lr": lr, **hyper})
     out = [start]
     for _ in range(steps):
         opt.zero_grad()
@@ -73,7 +74,7 @@ def after(cfg: Config, rows: list[dict], out: Path) -> list[Path]:
         else:
             ax.contour(gx, gy, z, levels=20, cmap="Greys", linewidths=0.6)
         for color, (label, (name, hyper, adaptive)) in zip(colors, OPTIMIZERS.items()):
-            lr = lrs[adaptive]
+            lr = hyper.get("lr", lrs[adaptive])
             xy = path(f, start, name, hyper, lr, steps)
             ax.plot([a for a, _ in xy], [b for _, b in xy], "-", color=color, lw=1.3, label=f"{label} (lr {lr:g})")
         ax.plot(*start, "ko", ms=5)
