@@ -12,13 +12,15 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import pyfused
 from pyfused import _cpp
 from pyfused.check.dropout_cases import (DTYPES, FRACTION_N, FRACTION_PS, FRACTION_SEEDS, MASK_PS, SIZES,
-                                        assert_same_bits, bits, drawn_seed, expected, fraction_bound, generator)
+                                        assert_same_bits, bits, drawn_seed, expected, fraction_bound, generator,
+                                        reference_draws)
 from pyfused.nn import functional as F
 
 
@@ -35,6 +37,23 @@ def test_mask_and_values_match_the_reference(dtype, n, p):
     x = torch.randn(n, dtype=torch.float64).to(dtype)
     x[0] = float("inf")  # torch's input * noise: a dropped inf is NaN, a kept one inf
     assert_same_bits(F.dropout(x, p, generator=generator()), expected(x, p, drawn_seed()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_keep_test_is_exact_at_the_threshold(dtype):
+    """The kernel compares each word with an integer threshold found once per call, not each
+    draw's float with p: with p equal to a drawn float itself that draw is dropped (its float is
+    not > p), with p the float just below it kept. Below 2^-7 every word has a float of its own,
+    so there a threshold one word off fails too."""
+    n, seed = 4096, drawn_seed()
+    draws = reference_draws(seed, n)
+    x = torch.ones(n, dtype=dtype)
+    for i in list(range(0, n, 512)) + list(np.flatnonzero(draws < 2**-7)[:4]):
+        f = np.float32(draws[i])
+        for p, kept in ((float(f), False), (float(np.nextafter(f, np.float32(0))), True)):
+            out = F.dropout(x, p, generator=generator())
+            assert (out[i] != 0).item() == kept
+            assert_same_bits(out, expected(x, p, seed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
