@@ -4,8 +4,8 @@ A pyfused optimizer is a subclass of torch's optimizer of the same name with thi
 Construction, argument checks, param groups, state_dict and schedulers are therefore torch's own;
 only step() differs. A subclass says three things (see adam.py):
   _state_keys(group)           the state tensors the kernel reads and writes, in its role order;
-  _new_state(p, group, state)  the state torch would create for p that `state` lacks, and p's
-                               per-tensor flags for the kernel;
+  _new_state(p, group, state)  the state torch would create for p that `state` lacks (default: a step
+                               count and zeros for each state key), and p's per-tensor flags for the kernel;
   _hyper(group)                the kernel's scalars, in the order of its Hyper in csrc/optimizers.h.
 
 step() caches, per param group, a plan: the tensors grouped by (device, dtype) into buckets with
@@ -580,7 +580,12 @@ class FusedOptimizer:
         raise NotImplementedError
 
     def _new_state(self, param, group, state):
-        raise NotImplementedError
+        # torch's lazy init for most optimizers: a step count and zeros for each state tensor.
+        new = {} if "step" in state else {"step": self._new_step(param, group)}
+        for key in self._state_keys(group):
+            if key not in state:
+                new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return new, 0
 
     def _hyper(self, group):
         raise NotImplementedError

@@ -19,13 +19,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _new_state(self, param, group, state):
-        new = {} if "step" in state else {"step": self._new_step(param, group)}
-        for key in self._state_keys(group):
-            if key not in state:
-                new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return new, 0
-
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
         return (

@@ -23,13 +23,6 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             keys += ("grad_avg",)
         return keys
 
-    def _new_state(self, param, group, state):
-        new = {} if "step" in state else {"step": self._new_step(param, group)}
-        for key in self._state_keys(group):
-            if key not in state:
-                new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return new, 0
-
     def _hyper(self, group):
         return (
             group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
