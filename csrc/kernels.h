@@ -81,6 +81,9 @@ struct DropoutCall {
   int threads;
 };
 
+// Weight averaging (csrc/averaging.h): lerp by a weight, or torch's add of a divided difference.
+enum class AverageOp : int { kLerp = 0, kDivide = 1 };
+
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
   /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
@@ -108,6 +111,8 @@ struct DropoutCall {
   void bn_backward(DType, DType param, const BnShape&, const void* dy, const void* x, void* dx, \
                    const BnBackwardFinalize&, const double* scale, const double* shift, bool relu); \
   void dropout(DropoutOp, DType, const DropoutCall&);                                  \
+  /* addresses: averages (row 0) and the model's tensors (row 1); scalar: weight or divisor */ \
+  void average(AverageOp, DType, const TensorTable&, double scalar);                  \
   }
 PYFUSED_DECLARE_ISA(baseline)
 PYFUSED_DECLARE_ISA(avx2)

@@ -2,6 +2,7 @@
 // namespace that keeps the builds apart), sets the target, then includes this file once.
 #include <cstring>
 
+#include "averaging.h"
 #include "batchnorm.h"
 #include "dropout.h"
 #include "kernels.h"
@@ -94,6 +95,15 @@ void dropout(DropoutOp op, DType dtype, const DropoutCall& call) {
     case DType::kFloat64: return dropout_for_type<double>(op, call);
     case DType::kFloat16: return dropout_for_type<Half>(op, call);
     case DType::kBFloat16: return dropout_for_type<BFloat16>(op, call);
+  }
+}
+
+void average(AverageOp op, DType dtype, const TensorTable& table, double scalar) {
+  switch (dtype) {
+    case DType::kFloat32: return average_for_type<float>(op, table, scalar);
+    case DType::kFloat64: return average_for_type<double>(op, table, scalar);
+    case DType::kFloat16: return average_for_type<Half>(op, table, scalar);
+    case DType::kBFloat16: return average_for_type<BFloat16>(op, table, scalar);
   }
 }
 

@@ -37,13 +37,14 @@ struct Isa {
   void (*bn_backward)(DType, DType, const BnShape&, const void*, const void*, void*, const BnBackwardFinalize&,
                       const double*, const double*, bool);
   void (*dropout)(DropoutOp, DType, const DropoutCall&);
+  void (*average)(AverageOp, DType, const TensorTable&, double);
 };
 
 #define PYFUSED_ISA_ENTRY(isa) \
   Isa{#isa, isa::hyper_size, isa::scalars_per_tensor, isa::optimizer_step, isa::tensor_scalars, \
       isa::norm_powered_sum, isa::bn_stats, isa::bn_normalize, isa::bn_grad_sums, isa::bn_grad_input, \
       isa::bn_finalize, isa::bn_backward_finalize, isa::bn_forward, isa::bn_backward, \
-      isa::dropout}
+      isa::dropout, isa::average}
 
 // The widest build this CPU runs, or the one named by PYFUSED_CPU_ISA (for tests and benchmarks).
 Isa pick_isa() {
@@ -262,6 +263,16 @@ void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, dou
   isa().dropout(DropoutOp(op), DType(dtype), call);
 }
 
+void average(int op, int dtype, int64_t n_tensors, uintptr_t numels, uintptr_t addresses, double scalar,
+             int threads) {
+  if (op < 0 || op > int(AverageOp::kDivide)) throw py::value_error("unknown averaging op");
+  DType d = checked_dtype(dtype);
+  TensorTable table{n_tensors, address<int64_t>(numels), address<int64_t>(addresses), nullptr, false,
+                    nullptr, threads < 1 ? 1 : threads};
+  py::gil_scoped_release no_gil;
+  isa().average(AverageOp(op), d, table, scalar);
+}
+
 }  // namespace
 }  // namespace pyfused
 
@@ -292,6 +303,11 @@ PYBIND11_MODULE(_C, m) {
         "iff tl.rand(seed, i // group) > p, and then multiplied by scale. op 1 adds the residual\n"
         "(and bias, along the last dimension, if not 0) as residual + dropout(x + bias). fresh_out:\n"
         "out is untouched memory just allocated, whose page faults huge pages may spare.");
+  m.def("average", &pyfused::average, py::arg("op"), py::arg("dtype"), py::arg("n_tensors"),
+        py::arg("numels"), py::arg("addresses"), py::arg("scalar"), py::arg("threads"),
+        "Updates n_tensors averages in place from the model's tensors (csrc/averaging.h): addresses\n"
+        "([2][n_tensors]) holds the averages', then the model's; op 0 lerps by the weight `scalar`,\n"
+        "op 1 adds (model - average) / scalar.");
   m.def("scalars_per_tensor", [](int optimizer) {
     return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
   });

@@ -163,3 +163,15 @@ def dropout(op: int, dtype_code: int, numel: int, group: int, seed: int, p: floa
     out was just allocated and nothing has touched it yet."""
     _C.dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual, bias, bias_numel,
                torch.get_num_threads(), fresh_out)
+
+
+# Must match csrc/kernels.h's AverageOp.
+AVERAGE_LERP, AVERAGE_DIVIDE = 0, 1
+
+
+def average(op: int, dtype_code: int, numels, addresses, scalar: float) -> None:
+    """Updates the averages at row 0 of `addresses` (array('q'), [2][n]) from the model's tensors
+    at row 1 (csrc/averaging.h): a lerp by the weight `scalar`, or an add of the difference
+    divided by `scalar`."""
+    _C.average(op, dtype_code, len(numels), numels.buffer_info()[0], addresses.buffer_info()[0], scalar,
+               torch.get_num_threads())

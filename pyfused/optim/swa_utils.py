@@ -1,0 +1,288 @@
+"""Weight averaging: drop-ins for torch.optim.swa_utils' AveragedModel, get_ema_multi_avg_fn and
+get_swa_multi_avg_fn, whose update_parameters makes one fused pass per (device, dtype) over all
+averaged tensors: the C++ kernels on CPU (csrc/averaging.h), Triton on CUDA (kernels/averaging.py).
+
+AveragedModel is a subclass of torch's: construction, forward, n_averaged, use_buffers and the
+state_dict are torch's own, so a state_dict moves between the two in both directions. Only
+update_parameters differs, and only in how it computes; its results are torch's, rounded as
+torch's code rounds them on that device:
+  get_ema_multi_avg_fn(decay)   torch._foreach_lerp_(avg, model, 1 - decay);
+  get_swa_multi_avg_fn()        torch._foreach_lerp_(avg, model, 1 / (n_averaged + 1)), a float32
+                                weight, as torch's division of the long counter makes it;
+  neither (the default)         on CUDA the same lerp (torch's foreach path); on CPU, which has no
+                                foreach kernels, torch's get_swa_avg_fn per tensor,
+                                avg + (model - avg) / (n_averaged + 1), each op rounded.
+A custom avg_fn or multi_avg_fn runs exactly as torch runs it. The first update (n_averaged 0)
+copies, and pairs the kernels cannot take (integer buffers, dtypes or devices that differ between
+the average and the model, tensors that are not dense, devices without pyfused kernels) go through
+torch's code for their group, so they too end as torch leaves them.
+
+SWALR, update_bn, get_ema_avg_fn and get_swa_avg_fn are torch's own, re-exported so that code can
+import everything it used from torch.optim.swa_utils from here.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import operator
+import struct
+
+import torch
+from torch.optim import swa_utils as _torch_swa
+from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_bn
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
+
+from pyfused import _backend, _cpp
+from pyfused.optim._fused import _addresses_overlap, _is_dense, _unaddressable
+
+__all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
+           "get_swa_multi_avg_fn", "update_bn"]
+
+_data_ptr = torch.Tensor.data_ptr
+_size = torch.Tensor.size
+_stride = torch.Tensor.stride
+_dtype_of = operator.attrgetter("dtype")
+_PLAIN = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32. From a double quotient this is the float32 quotient itself: double
+    rounding is harmless for division when the wider format has 2p + 2 bits (53 >= 50)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class _MultiAvgFn:
+    """A multi_avg_fn AveragedModel fuses. Called directly it is torch's function (so torch's own
+    AveragedModel can take it too)."""
+
+    def __call__(self, averaged_param_list, current_param_list, num_averaged) -> None:
+        self._torch(averaged_param_list, current_param_list, num_averaged)
+
+
+class _Ema(_MultiAvgFn):
+    def __init__(self, decay):
+        self._torch = _torch_swa.get_ema_multi_avg_fn(decay)  # checks decay, with torch's message
+        self.decay = decay
+
+    def weight(self, n_averaged: int) -> float:
+        return 1 - self.decay
+
+
+class _Swa(_MultiAvgFn):
+    def __init__(self):
+        self._torch = _torch_swa.get_swa_multi_avg_fn()
+
+    def weight(self, n_averaged: int) -> float:
+        # torch: 1 / (n_averaged + 1) on the long counter, which divides in float32.
+        return _float32(1 / _float32(n_averaged + 1))
+
+
+def get_ema_multi_avg_fn(decay=0.999):
+    """torch.optim.swa_utils.get_ema_multi_avg_fn(decay) (the same checks and results), which
+    AveragedModel.update_parameters runs as one fused lerp per (device, dtype)."""
+    return _Ema(decay)
+
+
+def get_swa_multi_avg_fn():
+    """torch.optim.swa_utils.get_swa_multi_avg_fn() (the same results), which
+    AveragedModel.update_parameters runs as one fused lerp per (device, dtype)."""
+    return _Swa()
+
+
+class _Group:
+    """The fused pairs of one (device, dtype): their positions, address table and, for Triton,
+    the device's copy of it and the weight last uploaded."""
+
+    def __init__(self, device, dtype, indices, pairs):
+        self.device, self.dtype, self.indices = device, dtype, indices
+        self.code = _cpp.DTYPE_CODES[dtype]
+        self.numels = array.array("q", [a.numel() for a, _ in pairs])
+        self.addresses = array.array("q", [a.data_ptr() for a, _ in pairs] + [m.data_ptr() for _, m in pairs])
+        written = [(a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()) for a, _ in pairs]
+        read = [(m.data_ptr(), m.data_ptr() + m.numel() * m.element_size()) for _, m in pairs]
+        self.overlap = _overlap(written, read)
+        self.triton_tables = None
+        self.weight = None  # (value, 0-d float64 device tensor)
+
+
+def _overlap(written, read) -> bool:
+    """Whether an average shares memory with another average or with any model tensor (the
+    model's own tensors may share memory with each other: they are only read)."""
+    if _addresses_overlap(written):
+        return True
+    union = []
+    for lo, hi in sorted(r for r in read if r[0] != r[1]):
+        if union and lo < union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], hi))
+        else:
+            union.append((lo, hi))
+    return _addresses_overlap(written + union)
+
+
+def _fusable(a, m) -> bool:
+    """Whether a kernel can average a towards m element by element, in memory order."""
+    return (type(a) in _PLAIN and type(m) in _PLAIN and a.dtype == m.dtype and a.dtype in _cpp.DTYPE_CODES
+            and a.device == m.device and a.device.type in ("cpu", "cuda") and a.layout == torch.strided
+            and a.shape == m.shape and a.stride() == m.stride() and _is_dense(a)
+            and _unaddressable(a) is None and _unaddressable(m) is None)
+
+
+def _key(averaged, current):
+    """What a plan depends on, read with C-level loops (the cost that remains per call). No device:
+    a tensor moved to another device has another address (CUDA's and the host's do not meet)."""
+    both = averaged + current
+    return (list(map(_data_ptr, both)), list(map(_size, both)), list(map(_stride, both)),
+            list(map(_dtype_of, both)))
+
+
+class _Plan:
+    """Which pairs are fused, in which groups, and which torch's code averages; valid while every
+    tensor keeps its address, sizes, strides and dtype (the key)."""
+
+    def __init__(self, averaged, current):
+        self.key = _key(averaged, current)
+        fused = {}
+        self.rest = []  # positions of the pairs torch's code averages
+        for i, (a, m) in enumerate(zip(averaged, current)):
+            if _fusable(a, m):
+                fused.setdefault((a.device, a.dtype), []).append(i)
+            else:
+                self.rest.append(i)
+        self.groups = [_Group(device, dtype, indices, [(averaged[i], current[i]) for i in indices])
+                       for (device, dtype), indices in fused.items()]
+        # An average sharing memory with another tensor: torch's tensor-by-tensor order decides.
+        self.overlap = any(g.overlap for g in self.groups)
+
+
+class AveragedModel(_torch_swa.AveragedModel):
+    """torch.optim.swa_utils.AveragedModel, with update_parameters fused (module docstring).
+
+    One addition: bias_correction=True keeps a copy of the first update's tensors, from which
+    bias_corrected() reads the EMA corrected for its start, without writing it into the average.
+    """
+
+    def __init__(self, model, device=None, avg_fn=None, multi_avg_fn=None, use_buffers=False, *,
+                 bias_correction=False):
+        super().__init__(model, device, avg_fn, multi_avg_fn, use_buffers)
+        self.bias_correction = bias_correction
+        self._first = None  # name -> the first update's tensor, with bias_correction
+        self._plan = None
+
+    def _named_averaged(self):
+        named = self.module.named_parameters()
+        return itertools.chain(named, self.module.named_buffers()) if self.use_buffers else named
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        fn = self.multi_avg_fn
+        if self.avg_fn is not None or not (fn is None or isinstance(fn, _MultiAvgFn)):
+            return super().update_parameters(model)  # a custom function: torch's path, exactly
+        n = int(self.n_averaged)  # torch's update syncs on it too
+        if n <= 0:  # the first update copies (and one with a negative count does nothing)
+            super().update_parameters(model)
+            if self.bias_correction and n == 0:
+                self._first = {name: t.detach().clone() for name, t in self._named_averaged()}
+            return
+        if self.use_buffers:
+            averaged = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+            current = list(itertools.chain(model.parameters(), model.buffers()))
+        else:
+            averaged, current = list(self.parameters()), list(model.parameters())
+        pairs = min(len(averaged), len(current))  # torch zips them, strict=False
+        del averaged[pairs:], current[pairs:]
+        plan = self._plan
+        if plan is None or plan.key != _key(averaged, current):
+            plan = self._plan = _Plan(averaged, current)
+        if plan.overlap:
+            return super().update_parameters(model)
+
+        kernels, rest = [], list(plan.rest)
+        for group in plan.groups:
+            how = self._kernel(group, n)
+            if how is None:
+                rest += group.indices
+            else:
+                kernels.append((group, how))
+        if rest:  # first: where torch's code raises, no fused group has moved yet
+            rest_a = [averaged[i].detach() for i in rest]
+            rest_m = [current[i].detach().to(a.device) for i, a in zip(rest, rest_a)]
+            self._torch_average(rest_a, rest_m)
+        for group, (backend, op, scalar) in kernels:
+            if backend == "cpp":
+                _cpp.average(op, group.code, group.numels, group.addresses, scalar)
+            else:
+                _triton_lerp(group, scalar)
+
+        if not self.use_buffers:  # torch's: the buffers follow the model's
+            for b_swa, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
+                b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+        self.n_averaged += 1
+
+    def _kernel(self, group, n):
+        """(backend, op, scalar) that averages the group as torch would, or None for torch's code."""
+        backend = _backend.backend_for(group.device)
+        fn = self.multi_avg_fn
+        if fn is None and group.device.type not in _get_foreach_kernels_supported_devices():
+            # torch's get_swa_avg_fn, tensor by tensor (the C++ kernels only)
+            return (backend, _cpp.AVERAGE_DIVIDE, float(n + 1)) if backend == "cpp" else None
+        weight = (fn or _SWA).weight(n)
+        return (backend, _cpp.AVERAGE_LERP, weight) if backend in ("cpp", "triton") else None
+
+    def _torch_average(self, averaged, current):
+        """torch's AveragedModel.update_parameters for n_averaged > 0, on these pairs."""
+        grouped = _group_tensors_by_device_and_dtype([averaged, current])
+        for (device, _), ([self_params, model_params], _) in grouped.items():
+            if self.multi_avg_fn:
+                self.multi_avg_fn(self_params, model_params, self.n_averaged.to(device))
+            elif device is not None and device.type in _get_foreach_kernels_supported_devices():
+                get_swa_multi_avg_fn()(self_params, model_params, self.n_averaged.to(device))
+            else:
+                avg_fn = get_swa_avg_fn()
+                n_averaged = self.n_averaged.to(device)
+                for p_averaged, p_model in zip(self_params, model_params, strict=True):
+                    p_averaged.copy_(avg_fn(p_averaged, p_model, n_averaged))
+
+    def bias_corrected(self) -> dict[str, torch.Tensor]:
+        """The EMA corrected for its start (the lecture's v / (1 - decay^t)), by the names of
+        self.module's averaged tensors (its floating-point ones), without touching the average.
+
+        v_t = decay v_{t-1} + (1 - decay) x_t from v_0 = 0 is biased towards 0, hence v_t / (1 -
+        decay^t), with t = n_averaged. AveragedModel's EMA starts from the first model instead:
+        w_1 = x_1, so w_t = v_t + decay^t x_1, and the corrected EMA is (w_t - decay^t x_1) /
+        (1 - decay^t): each x_k weighted (1 - decay) decay^(t-k) / (1 - decay^t), the weights
+        summing to 1. x_1 is the copy taken at the first update, which needs bias_correction=True
+        and multi_avg_fn=get_ema_multi_avg_fn(decay). Computed in float64, rounded once.
+        """
+        if not isinstance(self.multi_avg_fn, _Ema):
+            raise ValueError("bias_corrected() needs multi_avg_fn=pyfused.optim.swa_utils.get_ema_multi_avg_fn(decay)")
+        if self._first is None:
+            raise RuntimeError("bias_corrected() needs the first update's tensors: construct the AveragedModel "
+                               "with bias_correction=True before its first update_parameters (load_state_dict "
+                               "drops them, since they belong to the run that took them)")
+        decay_t = self.multi_avg_fn.decay ** int(self.n_averaged)
+        if decay_t == 1:
+            raise ValueError(f"bias_corrected(): decay {self.multi_avg_fn.decay} has not moved the average "
+                             "from the first update, so there is nothing to correct")
+        out = {}
+        for name, w in self._named_averaged():
+            if w.is_floating_point() and name in self._first:
+                first = self._first[name].to(w.device, torch.float64)
+                out[name] = ((w.detach().double() - decay_t * first) / (1 - decay_t)).to(w.dtype)
+        return out
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self._first = None
+        return super().load_state_dict(state_dict, strict, assign)
+
+
+_SWA = _Swa()
+
+
+def _triton_lerp(group, weight):
+    from pyfused import _triton
+
+    if group.triton_tables is None:
+        group.triton_tables = _triton.average_tables(group.numels, group.addresses, group.device)
+    if group.weight is None or group.weight[0] != weight:  # EMA's never changes; SWA's every call
+        group.weight = (weight, torch.tensor(weight, dtype=torch.float64, device=group.device))
+    _triton.average_lerp(group.code, len(group.numels), group.triton_tables, group.weight[1])

@@ -1,0 +1,349 @@
+"""pyfused.optim.swa_utils against torch.optim.swa_utils on CPU (the C++ kernels): the averages,
+bit for bit, over many updates, for EMA, SWA and the default, every dtype, odd sizes, tensors that
+are not contiguous, buffers averaged or followed; state_dict both ways; custom averaging
+functions; errors; the bias-corrected EMA readout; the other instruction sets."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import swa_utils as T
+
+import pyfused
+from pyfused.optim import swa_utils as P
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = (0, 1, 7, 65539)  # 65539: several of the driver's chunks and a ragged tail
+# name: (torch's multi_avg_fn, ours). decay 0.3 lerps by 0.7, lerp's formula for weights >= 0.5;
+# SWA's first weight is 1/2 (that formula), then 1/3, 1/4, ... (the other).
+FNS = {
+    "ema0.999": (lambda: T.get_ema_multi_avg_fn(0.999), lambda: P.get_ema_multi_avg_fn(0.999)),
+    "ema0.3": (lambda: T.get_ema_multi_avg_fn(0.3), lambda: P.get_ema_multi_avg_fn(0.3)),
+    "swa": (T.get_swa_multi_avg_fn, P.get_swa_multi_avg_fn),
+    "default": (lambda: None, lambda: None),
+}
+
+
+class Net(nn.Module):
+    def __init__(self, dtype, sizes=SIZES, int_buffer=False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(dtype)
+
+        self.flat = nn.ParameterList([nn.Parameter(randn(n)) for n in sizes])
+        self.transposed = nn.Parameter(randn(13, 5).t())  # dense, not contiguous: fused
+        self.strided = nn.Parameter(randn(9, 8)[:, ::2])  # not dense (its copy is): torch's code
+        self.register_buffer("running", randn(33))
+        self.register_buffer("empty", randn(0))
+        if int_buffer:
+            self.register_buffer("count", torch.tensor(3))
+
+
+def perturb(model, gen, scale=0.1):
+    """One training step's worth of change, to params and float buffers alike."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.add_((torch.randn(t.shape, generator=gen) * scale).to(t.dtype))
+            else:
+                t.add_(1)
+
+
+def assert_same(theirs, ours):
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].stride() == b[key].stride(), key
+        # Bit for bit: the same roundings as torch's ops, in the same order (module docstring).
+        assert torch.equal(a[key], b[key]), (key, (a[key].double() - b[key].double()).abs().max())
+
+
+def run_pair(model, fn, use_buffers, updates=25, seed=1, between=None):
+    make_theirs, make_ours = FNS[fn]
+    theirs = T.AveragedModel(model, multi_avg_fn=make_theirs(), use_buffers=use_buffers)
+    ours = P.AveragedModel(model, multi_avg_fn=make_ours(), use_buffers=use_buffers)
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(updates):
+        perturb(model, gen)
+        theirs.update_parameters(model)
+        ours.update_parameters(model)
+        if between is not None:
+            between(k, theirs, ours)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "buffers"])
+@pytest.mark.parametrize("fn", list(FNS))
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_matches_torch(dtype, fn, use_buffers):
+    model = Net(dtype)
+    theirs, ours = run_pair(model, fn, use_buffers)
+    assert_same(theirs, ours)
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 25
+    # The kernels ran: every pair fused but the strided param's, in one group for the one dtype.
+    plan = ours._plan
+    assert len(plan.groups) == 1 and plan.groups[0].dtype == dtype
+    averaged = list(ours.module.parameters()) + (list(ours.module.buffers()) if use_buffers else [])
+    assert [averaged[i] is ours.module.strided for i in plan.rest] == [True]
+
+
+def test_mixed_dtypes_int_buffers_and_a_model_that_moves():
+    """Several (device, dtype) groups; an integer buffer (torch's non-float path) averaged with
+    EMA and the default; params replaced between updates on either side (the plan is rebuilt)."""
+    model = Net(torch.float32, int_buffer=True)
+    model.flat[1] = nn.Parameter(torch.randn(7, dtype=torch.float64))
+    model.flat[2] = nn.Parameter(torch.randn(300, dtype=torch.bfloat16))
+
+    def replace(k, theirs, ours):
+        if k == 5:
+            model.flat[3].data = model.flat[3].data.clone()  # a new address on the model's side
+        if k == 9:
+            for m in (theirs, ours):
+                m.module.flat[2].data = m.module.flat[2].data.clone()
+
+    for fn in ("ema0.3", "default"):
+        theirs, ours = run_pair(model, fn, use_buffers=True, between=replace)
+        assert_same(theirs, ours)
+        assert {g.dtype for g in ours._plan.groups} == {torch.float32, torch.float64, torch.bfloat16}
+
+
+def test_model_tensors_sharing_memory_are_read_as_torch_reads_them():
+    base = torch.randn(100)
+    model = nn.Module()
+    model.a = nn.Parameter(base[:60])
+    model.b = nn.Parameter(base[40:])  # overlaps a: only read, so still fused
+    theirs, ours = run_pair(model, "ema0.999", use_buffers=False)
+    assert_same(theirs, ours)
+    assert len(ours._plan.groups[0].indices) == 2
+
+
+def test_averages_sharing_memory_take_torch_path():
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.randn(50)), nn.Parameter(torch.randn(50))
+    theirs = T.AveragedModel(model, multi_avg_fn=T.get_ema_multi_avg_fn(0.5))
+    ours = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(0.5))
+    base = torch.randn(80)
+    for m in (theirs, ours):  # after the copy, the averages share memory: the order decides
+        m.module.a.data, m.module.b.data = base[:50].clone(), base[:50].clone()
+        store = torch.randn(80)
+        m.module.a.data, m.module.b.data = store[:50], store[30:]
+    ours.module.a.data.copy_(theirs.module.a.data)
+    ours.module.b.data.copy_(theirs.module.b.data)
+    theirs.n_averaged.fill_(1)
+    ours.n_averaged.fill_(1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        perturb(model, gen)
+        theirs.update_parameters(model)
+        ours.update_parameters(model)
+    assert ours._plan.overlap
+    assert_same(theirs, ours)
+
+
+@pytest.mark.parametrize("direction", ["torch-to-pyfused", "pyfused-to-torch"])
+def test_state_dict_interchange(direction):
+    model = Net(torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    source_cls, target_cls = (T, P) if direction == "torch-to-pyfused" else (P, T)
+    source = source_cls.AveragedModel(model, multi_avg_fn=source_cls.get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(6):
+        perturb(model, gen)
+        source.update_parameters(model)
+    target = target_cls.AveragedModel(Net(torch.float32), multi_avg_fn=target_cls.get_ema_multi_avg_fn(0.9),
+                                      use_buffers=True)
+    target.load_state_dict(source.state_dict())
+    assert int(target.n_averaged) == 6
+    for _ in range(6):
+        perturb(model, gen)
+        source.update_parameters(model)
+        target.update_parameters(model)
+    theirs, ours = (source, target) if source_cls is T else (target, source)
+    assert_same(theirs, ours)
+
+
+def test_custom_functions_run_as_torch_runs_them():
+    def avg_fn(avg, cur, n):
+        return avg * 0.25 + cur * 0.75
+
+    def multi_avg_fn(avgs, curs, n):
+        for a, c in zip(avgs, curs):
+            a.mul_(0.5).add_(c, alpha=0.5)
+
+    for kwargs in (dict(avg_fn=avg_fn), dict(multi_avg_fn=multi_avg_fn),
+                   dict(multi_avg_fn=T.get_ema_multi_avg_fn(0.9))):  # torch's own: not ours, so torch's path
+        model = Net(torch.float32)
+        theirs = T.AveragedModel(model, **kwargs)
+        ours = P.AveragedModel(model, **kwargs)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            perturb(model, gen)
+            theirs.update_parameters(model)
+            ours.update_parameters(model)
+        assert_same(theirs, ours)
+        assert ours._plan is None
+
+
+def test_our_functions_are_torch_functions_when_called():
+    """Called directly (or by torch's own AveragedModel), our functions compute torch's."""
+    model = Net(torch.float32)
+    for fn in ("ema0.3", "swa"):
+        theirs = T.AveragedModel(model, multi_avg_fn=FNS[fn][0]())
+        hybrid = T.AveragedModel(model, multi_avg_fn=FNS[fn][1]())
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(4):
+            perturb(model, gen)
+            theirs.update_parameters(model)
+            hybrid.update_parameters(model)
+        assert_same(theirs, hybrid)
+
+
+def test_reexports_are_torchs():
+    for name in ("SWALR", "update_bn", "get_ema_avg_fn", "get_swa_avg_fn"):
+        assert getattr(P, name) is getattr(T, name)
+    assert issubclass(P.AveragedModel, T.AveragedModel)
+
+
+def error_of(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the type and message are what is compared
+        return type(error), str(error)
+    return None
+
+
+def test_errors_match_torchs():
+    model = Net(torch.float32)
+    for mod in (T, P):
+        assert error_of(lambda: mod.get_ema_multi_avg_fn(1.5)) == (
+            ValueError, "Invalid decay value 1.5 provided. Please provide a value in [0,1] range.")
+        assert error_of(lambda: mod.AveragedModel(model, avg_fn=T.get_swa_avg_fn(),
+                                                  multi_avg_fn=mod.get_swa_multi_avg_fn())) == (
+            AssertionError, "Only one of avg_fn and multi_avg_fn should be provided")
+
+    def second_update(mod, make_model, fn, use_buffers, change=None):
+        source = make_model()
+        averaged = mod.AveragedModel(source, multi_avg_fn=fn, use_buffers=use_buffers)
+        averaged.update_parameters(source)
+        if change is not None:
+            change(source)
+        return error_of(lambda: averaged.update_parameters(source))
+
+    cases = [
+        # SWA's foreach path on an integer buffer: torch's addcdiv refuses it
+        (lambda: Net(torch.float32, int_buffer=True), "swa", True, None),
+        # the model gains a buffer: torch's strict zip of the buffers refuses it
+        (lambda: Net(torch.float32), "ema0.3", False, lambda m: m.register_buffer("extra", torch.zeros(2))),
+        # the model's params change dtype (the averages keep theirs): torch's code decides
+        (lambda: Net(torch.float32), "ema0.3", False, lambda m: m.double()),
+        (lambda: Net(torch.float32), "default", False, lambda m: m.double()),
+    ]
+    for make_model, fn, use_buffers, change in cases:
+        theirs = second_update(T, make_model, FNS[fn][0](), use_buffers, change)
+        ours = second_update(P, make_model, FNS[fn][1](), use_buffers, change)
+        assert theirs == ours
+
+
+def test_counts_and_devices_as_torch():
+    model = Net(torch.float32)
+    theirs = T.AveragedModel(model, device="cpu")
+    ours = P.AveragedModel(model, device="cpu")
+    for m in (theirs, ours):
+        m.n_averaged.fill_(-2)  # a negative count: torch neither copies nor averages, but counts
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        perturb(model, gen)
+        theirs.update_parameters(model)
+        ours.update_parameters(model)
+    assert_same(theirs, ours)
+    assert int(ours.n_averaged) == 3
+    with torch.device("meta"):  # no memory: torch's code, which does nothing to meta tensors
+        meta = Net(torch.float32)
+    averaged = P.AveragedModel(meta, multi_avg_fn=P.get_ema_multi_avg_fn())
+    averaged.update_parameters(meta)
+    averaged.update_parameters(meta)
+    assert averaged._plan.groups == [] and int(averaged.n_averaged) == 2
+
+
+def test_forced_torch_backend_is_torchs_code():
+    model = Net(torch.float32)
+    with pyfused.use_backend("torch"):
+        theirs, ours = run_pair(model, "ema0.3", use_buffers=True, updates=4)
+    assert_same(theirs, ours)
+
+
+# --- the bias-corrected EMA -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, rtol", [
+    (torch.float64, 1e-12),  # the average's own roundings over 12 lerps, and the readout's
+    (torch.float32, 2e-6),  # 12 lerps in float32, each within half an ulp, against float64
+])
+def test_bias_corrected_is_the_zero_started_ema_over_one_minus_decay_power(dtype, rtol):
+    decay = 0.8
+    model = Net(dtype, sizes=(5, 300))
+    ours = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(decay), use_buffers=True,
+                           bias_correction=True)
+    gen = torch.Generator().manual_seed(6)
+    v = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in ours.module.state_dict().items()}
+    for t in range(1, 13):
+        perturb(model, gen)
+        ours.update_parameters(model)
+        for name, x in model.state_dict().items():  # the lecture's EMA, from zero, in float64
+            v[name] = decay * v[name] + (1 - decay) * x.double()
+        corrected = ours.bias_corrected()
+        assert set(corrected) == set(v)
+        for name, value in corrected.items():
+            expected = v[name] / (1 - decay**t)
+            assert value.dtype == dtype
+            torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=rtol)
+    # not written into the average: that is still torch's EMA
+    theirs = T.AveragedModel(Net(dtype, sizes=(5, 300)), multi_avg_fn=T.get_ema_multi_avg_fn(decay),
+                             use_buffers=True)
+    theirs.load_state_dict(ours.state_dict())
+    assert not all(torch.equal(corrected[k], ours.module.state_dict()[k]) for k in corrected)
+
+
+def test_bias_corrected_errors():
+    model = Net(torch.float32, sizes=(3,))
+    plain = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(0.9))
+    plain.update_parameters(model)
+    with pytest.raises(RuntimeError, match="bias_correction=True"):
+        plain.bias_corrected()
+    swa = P.AveragedModel(model, bias_correction=True)
+    with pytest.raises(ValueError, match="get_ema_multi_avg_fn"):
+        swa.bias_corrected()
+    ema = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(1.0), bias_correction=True)
+    ema.update_parameters(model)
+    with pytest.raises(ValueError, match="nothing to correct"):
+        ema.bias_corrected()
+    ema.load_state_dict(copy.deepcopy(ema.state_dict()))
+    with pytest.raises(RuntimeError, match="load_state_dict drops"):
+        ema.bias_corrected()
+
+
+# --- the other instruction sets -------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("isa, env", [
+    ("avx2", {}),
+    # torch without FMA rounds lerp's multiply and add apart, as the baseline build does
+    ("baseline", {"ATEN_CPU_CAPABILITY": "default"}),
+])
+def test_matches_torch_with_each_instruction_set(isa, env):
+    if isa == "avx2" and subprocess.run([sys.executable, "-c", "import pyfused._cpp"], env={
+            **os.environ, "PYFUSED_CPU_ISA": "avx2"}, capture_output=True).returncode != 0:
+        pytest.skip("this CPU has no AVX2 and FMA")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_swa_utils.py"),
+         "-k", "test_matches_torch and not instruction_set"],
+        env={**os.environ, "PYFUSED_CPU_ISA": isa, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
