@@ -303,3 +303,25 @@ def dropout(op, dtype_code, numel, group, seed, p, scale, x, out, residual=None,
         ADD_RESIDUAL=op == _cpp.DROPOUT_ADD_RESIDUAL, BIAS=bias is not None, BLOCK=_DROPOUT_BLOCK,
         enable_fp_fusion=False,  # no FMA, so results match the C++ backend bit for bit
     )
+
+
+# Weight averaging (kernels/averaging.py): pyfused/optim/swa_utils.py keeps the tables per plan.
+def average_tables(numels, addresses, device):
+    """(tables, n_chunks, aligned) on the device for array('q')s numels and addresses ([2][n])."""
+    rows = torch.frombuffer(addresses, dtype=torch.int64).view(2, -1)
+    return _chunk_tables(torch.frombuffer(numels, dtype=torch.int64), rows, device)
+
+
+def average_lerp(dtype_code, n_tensors, tables, weight) -> None:
+    """Lerps every average towards its model tensor by `weight`, a 0-d device tensor."""
+    table, n_chunks, aligned = tables
+    types, _, _, _ = _kernels()
+    from pyfused.kernels import averaging
+
+    storage, op = types[dtype_code]
+    for first in range(0, n_chunks, _MAX_PROGRAMS):
+        averaging.lerp_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
+            table, weight, n_tensors, first, STORAGE=storage, BF16=dtype_code == 3, OP=op,
+            CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            enable_fp_fusion=False,  # the only FMA: lerp's explicit one, as in the C++ FMA builds
+        )
