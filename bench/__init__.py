@@ -11,6 +11,7 @@ FAMILIES = {
     "clip": "clip",  # global norm, clip + AdamW
     "dropout": "dropout",  # F.dropout, dropout_add vs torch
     "batchnorm": "batchnorm",  # BatchNorm, BatchNormReLU vs torch
+    "averaging": "averaging",  # AveragedModel.update_parameters (EMA) vs torch's
     "e2e": "e2e",  # small CNN and MLP trained with torch's vs pyfused's components
     "trajectories": "trajectories",  # the optimizers' paths on 2-D test functions (a picture, untimed)
 }

@@ -22,7 +22,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     measured = [r for r in rows if r["kind"] == "measurement"]
-    assert {r["family"] for r in measured} == {"optim", "clip", "dropout", "batchnorm", "e2e"}
+    assert {r["family"] for r in measured} == {"optim", "clip", "dropout", "batchnorm", "averaging", "e2e"}
     assert {r["probe"] for r in rows if r["kind"] == "probe"} == {"copy", "read-sum", "read-dot"}
     ours = [r for r in measured if r["impl"] == r["ours"]]
     assert ours and all(r["status"] == "ok" for r in ours), [r["error"] for r in ours if r["status"] != "ok"]

@@ -347,3 +347,25 @@ def test_matches_torch_with_each_instruction_set(isa, env):
         env={**os.environ, "PYFUSED_CPU_ISA": isa, **env}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def test_walks_the_tensors_torch_walks():
+    """update_parameters lists params and buffers without torch's generators: same tensors, same
+    order, with shared modules, tied params, None entries; a class that walks its own way is asked."""
+    shared = nn.Linear(3, 4, bias=False)  # registers bias as None
+    model = nn.Sequential(shared, nn.BatchNorm1d(4), nn.Sequential(shared, nn.Linear(4, 4)), nn.Linear(4, 3))
+    model[3].weight = model[2][1].weight  # tied
+    model.register_buffer("none", None)
+
+    class OwnWalk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.ones(2))
+
+        def parameters(self, recurse=True):
+            return iter([self.b])
+
+    for m in (model, OwnWalk(), T.AveragedModel(model)):
+        assert P._members(m, "_parameters") == list(m.parameters())
+        assert P._members(m, "_buffers") == list(m.buffers())
+    assert len(P._members(model, "_parameters")) == 6  # the shared Linear and the tied weight once
