@@ -114,6 +114,17 @@ def test_mixed_dtypes_int_buffers_and_a_model_that_moves():
         assert {g.dtype for g in ours._plan.groups} == {torch.float32, torch.float64, torch.bfloat16}
 
 
+def test_swa_weight_follows_the_default_dtype():
+    """torch's SWA weight 1 / (n_averaged + 1) divides the long counter in the default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        theirs, ours = run_pair(Net(torch.float64), "swa", use_buffers=True, updates=12)
+    finally:
+        torch.set_default_dtype(old)
+    assert_same(theirs, ours)
+
+
 def test_model_tensors_sharing_memory_are_read_as_torch_reads_them():
     base = torch.randn(100)
     model = nn.Module()

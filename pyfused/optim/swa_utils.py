@@ -105,7 +105,9 @@ class _Swa(_MultiAvgFn):
         self._torch = _torch_swa.get_swa_multi_avg_fn()
 
     def weight(self, n_averaged: int) -> float:
-        # torch: 1 / (n_averaged + 1) on the long counter, which divides in float32.
+        # torch: 1 / (n_averaged + 1) on the long counter, which divides in the default dtype.
+        if torch.get_default_dtype() == torch.float64:
+            return 1 / (n_averaged + 1)
         return _float32(1 / _float32(n_averaged + 1))
 
 
