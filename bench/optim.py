@@ -40,6 +40,8 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
 WORKLOADS = {  # name: (what, shapes, the implementations timed)
     "large": ("150 x 65,536", [(65536,)] * 150, IMPLS),
     "small": ("2,000 x 1,024", [(1024,)] * 2000, IMPLS),
+    # per-layer lr and no weight decay on every other group: torch makes a call per group, pyfused one
+    "groups": ("500 groups x 4 x 1,024", [(1024,)] * 2000, IMPLS),
     "mixed": ("2 x 4Mi + 500 x 1,024 + 500 x 64", [(4 * 2**20,)] * 2 + [(1024,)] * 500 + [(64,)] * 500, IMPLS),
     "gpt2": ("GPT-2 small, 148 tensors, 124M values", gpt2_small_shapes(), IMPLS),
     # 2,000 one-element tensors: the step is per-call and per-tensor host work (the for-loop adds nothing)
@@ -48,6 +50,15 @@ WORKLOADS = {  # name: (what, shapes, the implementations timed)
     "cache-1t": ("1 x 8,192, one thread, in cache", [(8192,)], ("pyfused", "torch-fused", "torch-foreach")),
 }
 MAIN = "optimizer step, fp32"
+
+
+GROUP_SIZE = {"groups": 4}  # tensors per param group where a workload has many groups
+
+
+def param_groups(params: list[torch.Tensor], size: int, lr: float) -> list[dict]:
+    """Groups of `size` params with lrs from lr / 4 to lr, and weight decay 0.01 on every other one."""
+    return [{"params": params[i : i + size], "lr": lr * (1 + k % 4) / 4, "weight_decay": 0.01 * (k % 2)}
+            for k, i in enumerate(range(0, len(params), size))]
 
 
 def optimizer(impl: str, name: str, params: list[torch.Tensor], **kwargs):
@@ -72,7 +83,11 @@ def cell(cfg: Config, table: str, name: str, workload: str, desc: str, shapes, i
                 own = [p.clone().requires_grad_(True) for p in params]
                 for p, g in zip(own, grads):
                     p.grad = g  # only read: shared by every path
-                return Run(optimizer(impl, name, own, **hyper).step, outputs=lambda: own)
+                groups = own
+                if workload in GROUP_SIZE:
+                    lr = hyper.get("lr", getattr(torch.optim, name)([torch.zeros(1)]).defaults["lr"])
+                    groups = param_groups(own, GROUP_SIZE[workload], lr)
+                return Run(optimizer(impl, name, groups, **hyper).step, outputs=lambda: own)
             return make
 
         return {impl: factory(impl) for impl in impls}
@@ -95,7 +110,7 @@ def sweeps(cfg: Config) -> list[Cell]:
 
 
 def cells(cfg: Config) -> list[Cell]:
-    workloads = ["large", "small", "mixed"] + (["gpt2"] if cfg.device.type == "cuda" else []) + ["host"]
+    workloads = ["large", "small", "groups", "mixed"] + (["gpt2"] if cfg.device.type == "cuda" else []) + ["host"]
     out = [cell(cfg, MAIN if w != "host" else "optimizer step, host cost (one-element tensors)", name, w,
                 *WORKLOADS[w]) for w in workloads for name in OPTIMIZERS]
     if cfg.cpu:
@@ -112,6 +127,7 @@ TARGETS = [
     *[Target("issue 2", "cpu", o, "small", "speedup", 8.0, FUSED) for o in ALL],
     *[Target("issue 2", "cpu", o, "mixed", "speedup", 2.0, FUSED) for o in ALL],
     *[Target("issue 2", "cpu", o, "host", "us_per_tensor", 1.0) for o in ALL],
+    *[Target("issue 10", "cpu", o, "groups", "speedup", 8.0, FUSED) for o in ALL],
     *[Target("issue 3", "cuda", o, "large", "share", 0.85) for o in ALL],
     *[Target("issue 3", "cuda", o, "small", "speedup", 1.0, FUSED) for o in ALL],
     *[Target("issue 3", "cuda", o, w, "speedup", 3.0, ("torch-foreach",)) for w in ("large", "small", "mixed", "gpt2")

@@ -15,34 +15,47 @@
 namespace pyfused {
 namespace PYFUSED_ISA {
 
-template <class T, AverageOp kOp>
-struct AverageUpdate {
-  using Op = OpMath<T>;
-  static constexpr int kRoles = 2;
-  static constexpr unsigned kWrites = 0b01u;
-  static constexpr bool kCountsSteps = false;
-  struct Scalars {};
-  static constexpr int kScalars = 0;
+// A one-group family for the driver: its Hyper is the weight, or the divisor.
+template <AverageOp kOp>
+struct Averaging {
+  struct Hyper { double scalar; };
 
-  Scalars scalars(double, int64_t) const { return {}; }
+  template <class T>
+  struct Update {
+    using Op = OpMath<T>;
+    static constexpr int kRoles = 2;
+    static constexpr unsigned kWrites = 0b01u;
+    static constexpr bool kCountsSteps = false;
+    struct Scalars {};
+    static constexpr int kScalars = 0;
 
-  void operator()(Op* v, const Scalars&) const {
-    if constexpr (kOp == AverageOp::kLerp) {
-      v[0] = lerp(v[0], v[1], scalar);
-    } else {
-      v[0] = v[0] + rounded<T>(rounded<T>(v[1] - v[0]) / scalar);
+    Scalars scalars(double, int64_t) const { return {}; }
+
+    void operator()(Op* v, const Scalars&) const {
+      if constexpr (kOp == AverageOp::kLerp) {
+        v[0] = lerp(v[0], v[1], scalar);
+      } else {
+        v[0] = v[0] + rounded<T>(rounded<T>(v[1] - v[0]) / scalar);
+      }
     }
-  }
 
-  Op scalar;  // the weight, or the divisor
+    Op scalar;
+  };
+
+  template <class T, class Run>
+  static void with_update(const Hyper& h, Run&& run) { run(Update<T>{OpMath<T>(h.scalar)}); }
 };
 
 template <class T>
 void average_for_type(AverageOp op, const TensorTable& table, double scalar) {
+  TensorTable one_group = table;
+  const int64_t ends[1] = {table.n_tensors};
+  one_group.n_groups = 1;
+  one_group.group_ends = ends;
   if (op == AverageOp::kLerp) {
-    multi_tensor_apply<T>(AverageUpdate<T, AverageOp::kLerp>{OpMath<T>(scalar)}, table);
+    multi_tensor_apply<Averaging<AverageOp::kLerp>, T>(one_group, &scalar);
   } else {
-    multi_tensor_apply<T>(AverageUpdate<T, AverageOp::kDivide>{OpMath<T>(scalar)}, table);
+    multi_tensor_apply<Averaging<AverageOp::kDivide>, T>(one_group, &scalar);
   }
 }
 

@@ -24,6 +24,10 @@ struct TensorTable {
   double grad_divisor = 1;
   double grad_multiplier = 1;
   bool store_grads = false;
+  // Optimizer calls: param group g holds tensors [group_ends[g - 1], group_ends[g]) (from 0), and
+  // the call's hyperparameters are each group's in turn.
+  int64_t n_groups = 1;
+  const int64_t* group_ends = nullptr;
 };
 
 // Batch normalization (csrc/batchnorm.h): a tensor as (outer, channels, inner), element
@@ -86,7 +90,7 @@ enum class AverageOp : int { kLerp = 0, kDivide = 1 };
 
 #define PYFUSED_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                      \
-  /* hyper holds hyper_size(optimizer) doubles, in the order of that optimizer's Hyper */ \
+  /* hyper holds hyper_size(optimizer) doubles per param group, in the order of its Hyper */ \
   int hyper_size(Optimizer);                                                           \
   int scalars_per_tensor(Optimizer);                                                   \
   void optimizer_step(Optimizer, DType, const TensorTable&, const double* hyper);      \

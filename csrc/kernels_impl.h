@@ -13,17 +13,11 @@ namespace pyfused {
 namespace PYFUSED_ISA {
 
 template <class Family, class T>
-void run(const TensorTable& table, const double* hyper) {
-  typename Family::Hyper h;
-  std::memcpy(&h, hyper, sizeof h);
-  Family::template with_update<T>(h, [&](const auto& update) { multi_tensor_apply<T>(update, table); });
-}
+void run(const TensorTable& table, const double* hyper) { multi_tensor_apply<Family, T>(table, hyper); }
 
 template <class Family, class T>
 void export_scalars(const TensorTable& table, const double* hyper, double* out) {
-  typename Family::Hyper h;
-  std::memcpy(&h, hyper, sizeof h);
-  Family::template with_update<T>(h, [&](const auto& update) { export_tensor_scalars<T>(update, table, out); });
+  export_tensor_scalars<Family, T>(table, hyper, out);
 }
 
 template <class T>

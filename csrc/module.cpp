@@ -78,22 +78,25 @@ const Isa& isa() {
 template <class T>
 const T* address(uintptr_t value) { return reinterpret_cast<const T*>(value); }
 
-Optimizer checked_optimizer(int optimizer, int dtype, const std::vector<double>& hyper) {
+Optimizer checked_optimizer(int optimizer, int dtype, int64_t n_tensors, int64_t n_groups,
+                            uintptr_t group_ends) {
   if (optimizer < 0 || optimizer > int(Optimizer::kAdadelta)) throw py::value_error("unknown optimizer");
   if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
-  int expected = isa().hyper_size(Optimizer(optimizer));
-  if (int(hyper.size()) != expected) {
-    throw py::value_error("expected " + std::to_string(expected) + " hyperparameters, got " +
-                          std::to_string(hyper.size()));
+  // The groups must cover the tensors in order: a kernel indexes the table by them.
+  const int64_t* ends = address<int64_t>(group_ends);
+  if (n_groups < 1 || ends == nullptr) throw py::value_error("expected at least one param group");
+  for (int64_t g = 0; g < n_groups; ++g) {
+    if (ends[g] < (g ? ends[g - 1] : 0)) throw py::value_error("param groups out of order");
   }
+  if (ends[n_groups - 1] != n_tensors) throw py::value_error("the param groups do not cover the tensors");
   return Optimizer(optimizer);
 }
 
 void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
                     uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
-                    const std::vector<double>& hyper, int threads, double grad_divisor,
-                    double grad_multiplier, bool store_grads) {
-  Optimizer which = checked_optimizer(optimizer, dtype, hyper);
+                    int64_t n_groups, uintptr_t group_ends, uintptr_t hypers, int threads,
+                    double grad_divisor, double grad_multiplier, bool store_grads) {
+  Optimizer which = checked_optimizer(optimizer, dtype, n_tensors, n_groups, group_ends);
   TensorTable table{n_tensors,
                     address<int64_t>(numels),
                     address<int64_t>(addresses),
@@ -103,9 +106,15 @@ void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numel
                     threads < 1 ? 1 : threads,
                     grad_divisor,
                     grad_multiplier,
-                    store_grads};
+                    store_grads,
+                    n_groups,
+                    address<int64_t>(group_ends)};
   py::gil_scoped_release no_gil;
-  isa().optimizer_step(which, DType(dtype), table, hyper.data());
+  try {
+    isa().optimizer_step(which, DType(dtype), table, address<double>(hypers));
+  } catch (const std::invalid_argument& error) {
+    throw py::value_error(error.what());
+  }
 }
 
 double norm_powered_sum(int dtype, int64_t n_tensors, uintptr_t numels, uintptr_t addresses,
@@ -119,12 +128,14 @@ double norm_powered_sum(int dtype, int64_t n_tensors, uintptr_t numels, uintptr_
 }
 
 void tensor_scalars(int optimizer, int dtype, int64_t n_tensors, uintptr_t steps,
-                    bool steps_are_double, uintptr_t flags, const std::vector<double>& hyper,
-                    uintptr_t out) {
-  Optimizer which = checked_optimizer(optimizer, dtype, hyper);
+                    bool steps_are_double, uintptr_t flags, int64_t n_groups, uintptr_t group_ends,
+                    uintptr_t hypers, uintptr_t out) {
+  Optimizer which = checked_optimizer(optimizer, dtype, n_tensors, n_groups, group_ends);
   TensorTable table{n_tensors, nullptr, nullptr, address<int64_t>(steps), steps_are_double,
                     address<int64_t>(flags), 1};
-  isa().tensor_scalars(which, DType(dtype), table, hyper.data(), reinterpret_cast<double*>(out));
+  table.n_groups = n_groups;
+  table.group_ends = address<int64_t>(group_ends);
+  isa().tensor_scalars(which, DType(dtype), table, address<double>(hypers), reinterpret_cast<double*>(out));
 }
 
 // Batch normalization (csrc/batchnorm.h). Python checks shapes, dtypes and layouts.
@@ -280,19 +291,21 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfused's CPU kernels: multi-tensor optimizer updates on raw addresses.";
   m.def("optimizer_step", &pyfused::optimizer_step, py::arg("optimizer"), py::arg("dtype"),
         py::arg("n_tensors"), py::arg("numels"), py::arg("addresses"), py::arg("steps"),
-        py::arg("steps_are_double"), py::arg("flags"), py::arg("hyper"), py::arg("threads"),
-        py::arg("grad_divisor") = 1.0, py::arg("grad_multiplier") = 1.0,
-        py::arg("store_grads") = false,
+        py::arg("steps_are_double"), py::arg("flags"), py::arg("n_groups"), py::arg("group_ends"),
+        py::arg("hypers"), py::arg("threads"), py::arg("grad_divisor") = 1.0,
+        py::arg("grad_multiplier") = 1.0, py::arg("store_grads") = false,
         "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
-        "flags are addresses of int64 arrays (0 for an absent row). Grads are divided by\n"
-        "grad_divisor and multiplied by grad_multiplier first, and stored back if store_grads.");
+        "flags are addresses of int64 arrays (0 for an absent row). The tensors form n_groups\n"
+        "param groups, group g ending at group_ends[g] (int64s), with hyper_size(optimizer)\n"
+        "doubles each at hypers. Grads are divided by grad_divisor and multiplied by\n"
+        "grad_multiplier first, and stored back if store_grads.");
   m.def("norm_powered_sum", &pyfused::norm_powered_sum, py::arg("dtype"), py::arg("n_tensors"),
         py::arg("numels"), py::arg("addresses"), py::arg("kind"), py::arg("p"), py::arg("threads"),
         "The p-th power of the global norm of n_tensors tensors (max |x| for kind 0, min |x| for\n"
         "kind 1), summed in a fixed order.");
   m.def("tensor_scalars", &pyfused::tensor_scalars, py::arg("optimizer"), py::arg("dtype"),
         py::arg("n_tensors"), py::arg("steps"), py::arg("steps_are_double"), py::arg("flags"),
-        py::arg("hyper"), py::arg("out"),
+        py::arg("n_groups"), py::arg("group_ends"), py::arg("hypers"), py::arg("out"),
         "Advances the step counters like optimizer_step and writes each tensor's scalars, as\n"
         "doubles, scalars_per_tensor(optimizer) per tensor, to the buffer at out.");
   m.def("dropout", &pyfused::dropout, py::arg("op"), py::arg("dtype"), py::arg("numel"),
@@ -308,6 +321,9 @@ PYBIND11_MODULE(_C, m) {
         "Updates n_tensors averages in place from the model's tensors (csrc/averaging.h): addresses\n"
         "([2][n_tensors]) holds the averages', then the model's; op 0 lerps by the weight `scalar`,\n"
         "op 1 adds (model - average) / scalar.");
+  m.def("hyper_size", [](int optimizer) {
+    return pyfused::isa().hyper_size(pyfused::Optimizer(optimizer));
+  });
   m.def("scalars_per_tensor", [](int optimizer) {
     return pyfused::isa().scalars_per_tensor(pyfused::Optimizer(optimizer));
   });

@@ -12,12 +12,18 @@
 //   Scalars         per-tensor values derived from the step count and the tensor's flags,
 //                   kScalars fields of type Op (so another backend can be handed them);
 //   scalars(step, flags) and operator()(Op* values, const Scalars&).
+//
+// One call may update several param groups: the table lists them one after another, each with its
+// own Hyper, so each with its own Update (its compile-time flags may differ: weight decay on or off,
+// Nesterov). Their state layouts, and so their roles, must be the same.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -120,14 +126,14 @@ void for_each_chunk(const TensorTable& table, const Layout& layout, Body&& body)
   });
 }
 
-// Advances each tensor's step counter exactly once and derives its scalars (equal steps share one
-// pow()). Serial: it is O(tensors), and every chunk of a tensor must see the same step.
+// Advances the step counter of each tensor in [lo, hi) exactly once and derives its scalars (equal
+// steps share one pow()). Serial: it is O(tensors), and every chunk of a tensor must see the same step.
 template <class Update>
-void prepare_tensors(const Update& update, const TensorTable& table,
+void prepare_tensors(const Update& update, const TensorTable& table, int64_t lo, int64_t hi,
                      typename Update::Scalars* scalars) {
   double last_step = -1;
   int64_t last_flags = -1;
-  for (int64_t i = 0; i < table.n_tensors; ++i) {
+  for (int64_t i = lo; i < hi; ++i) {
     double step = 0;
     if constexpr (Update::kCountsSteps) {
       if (table.steps_are_double) {
@@ -137,50 +143,80 @@ void prepare_tensors(const Update& update, const TensorTable& table,
       }
     }
     int64_t flags = table.flags ? table.flags[i] : 0;
-    if (i == 0 || step != last_step || flags != last_flags) {
-      scalars[i] = update.scalars(step, flags);
+    if (i == lo || step != last_step || flags != last_flags) {
+      scalars[i - lo] = update.scalars(step, flags);
       last_step = step;
       last_flags = flags;
     } else {
-      scalars[i] = scalars[i - 1];
+      scalars[i - lo] = scalars[i - lo - 1];
     }
+  }
+}
+
+// Calls each(lo, hi, update) for every param group of the table: its tensors [lo, hi) and the
+// Update built from its Hyper (hypers holds Family::Hyper's fields for each group in turn).
+template <class Family, class T, class Each>
+void for_each_group(const TensorTable& table, const double* hypers, Each&& each) {
+  constexpr int64_t kFields = sizeof(typename Family::Hyper) / sizeof(double);
+  for (int64_t g = 0, lo = 0; g < table.n_groups; lo = table.group_ends[g++]) {
+    typename Family::Hyper h;
+    std::memcpy(&h, hypers + g * kFields, sizeof h);
+    Family::template with_update<T>(h, [&](const auto& update) { each(lo, table.group_ends[g], update); });
   }
 }
 
 // For a backend that runs the elements elsewhere (Triton): the per-tensor scalars, widened to
 // double (exactly), Update::kScalars of them per tensor.
-template <class T, class Update>
-void export_tensor_scalars(const Update& update, const TensorTable& table, double* out) {
+template <class Family, class T>
+void export_tensor_scalars(const TensorTable& table, const double* hypers, double* out) {
   using Op = OpMath<T>;
-  using Scalars = typename Update::Scalars;
-  std::vector<Scalars> scalars(table.n_tensors);
-  prepare_tensors(update, table, scalars.data());
-  for (int64_t i = 0; i < table.n_tensors; ++i) {
-    Op fields[Update::kScalars + 1];
-    std::memcpy(fields, &scalars[i], Update::kScalars * sizeof(Op));
-    for (int k = 0; k < Update::kScalars; ++k) out[i * Update::kScalars + k] = double(fields[k]);
-  }
+  for_each_group<Family, T>(table, hypers, [&](int64_t lo, int64_t hi, const auto& update) {
+    using Update = std::decay_t<decltype(update)>;
+    std::vector<typename Update::Scalars> scalars(hi - lo);
+    prepare_tensors(update, table, lo, hi, scalars.data());
+    for (int64_t i = lo; i < hi; ++i) {
+      Op fields[Update::kScalars + 1];
+      std::memcpy(fields, &scalars[i - lo], Update::kScalars * sizeof(Op));
+      for (int k = 0; k < Update::kScalars; ++k) out[i * Update::kScalars + k] = double(fields[k]);
+    }
+  });
 }
 
-template <class T, class Update>
-void multi_tensor_apply(const Update& update, const TensorTable& table) {
+// One call for every tensor of the table, whatever its param group: the groups share one index
+// space and one pool of chunks; each piece of a tensor runs its group's Update.
+template <class Family, class T>
+void multi_tensor_apply(const TensorTable& table, const double* hypers) {
   using Op = OpMath<T>;
-  using Scalars = typename Update::Scalars;
-  constexpr int R = Update::kRoles;
   const int64_t n = table.n_tensors;
   if (n == 0) return;
-
-  std::vector<Scalars> scalars(n);
-  prepare_tensors(update, table, scalars.data());
-  GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier)};
+  const GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier)};
+  using Span = std::function<void(int64_t tensor, int64_t begin, int64_t end)>;
+  int roles = -1;  // checked before any step counter moves
+  for_each_group<Family, T>(table, hypers, [&](int64_t, int64_t, const auto& update) {
+    constexpr int R = std::decay_t<decltype(update)>::kRoles;
+    if (roles != -1 && R != roles) throw std::invalid_argument("the param groups of one call differ in state layout");
+    roles = R;
+  });
+  std::vector<Span> spans(table.n_groups);
+  int64_t g = 0;
+  for_each_group<Family, T>(table, hypers, [&](int64_t lo, int64_t hi, const auto& update) {
+    using Update = std::decay_t<decltype(update)>;
+    constexpr int R = Update::kRoles;
+    std::vector<typename Update::Scalars> scalars(hi - lo);
+    prepare_tensors(update, table, lo, hi, scalars.data());
+    spans[g++] = [&table, &factor, update, lo, n, scalars = std::move(scalars)](int64_t i, int64_t begin, int64_t end) {
+      T* base[R];
+      for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
+      if (table.store_grads) {
+        update_span<T, true>(update, base, begin, end - begin, scalars[i - lo], factor);
+      } else {
+        update_span<T, false>(update, base, begin, end - begin, scalars[i - lo], factor);
+      }
+    };
+  });
+  const int64_t* ends = table.group_ends;
   for_each_chunk(table, lay_out(table), [&](int64_t, int64_t i, int64_t begin, int64_t end) {
-    T* base[R];
-    for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
-    if (table.store_grads) {
-      update_span<T, true>(update, base, begin, end - begin, scalars[i], factor);
-    } else {
-      update_span<T, false>(update, base, begin, end - begin, scalars[i], factor);
-    }
+    spans[std::upper_bound(ends, ends + table.n_groups, i) - ends](i, begin, end);
   });
 }
 

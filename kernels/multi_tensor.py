@@ -4,10 +4,10 @@ Each program takes one chunk (a tensor and a CHUNK-sized range of it) from the c
 walks it in BLOCKs. Tensors are reached through int64 address tables, so the number of tensors
 never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py builds them):
 
-  tables   numels[n] | param addresses[n] | state addresses[STATES][n] | chunks[C][2] (tensor, start)
-           built once per plan and kept on the device;
-  uploads  grad addresses[n] | hyper[N_HYPER] (float64 bits) | scalars[n][K] (float64 bits)
-           rebuilt every step (grads are new tensors, steps advance);
+  tables   numels[n] | param addresses[n] | state addresses[STATES][n] | param group[n] |
+           chunks[C][2] (tensor, start), built once per plan and kept on the device;
+  uploads  grad addresses[n] | hyper[n_groups][N_HYPER] (float64 bits) | scalars[n][K] (float64
+           bits), rebuilt every step (grads are new tensors, steps advance, schedulers move lr);
   factors  float64 [divisor, multiplier] for each grad, read on the device when FACTORED:
            GradScaler's scale (STORE_GRAD) and a deferred clip coefficient; see GradFactor in
            pyfused/optim/_fused.py.
@@ -15,7 +15,8 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
 With capturable=True nothing comes from the host during a step, so a CUDA graph can replay it:
 step counters live on the device, capturable_prologue_kernel advances them and writes lr and
 the per-tensor scalars into `uploads` (whose grad addresses and other hyperparameters change
-only when they do), and both kernels read GradScaler's found_inf on the device (SKIP).
+only when they do), and both kernels read GradScaler's found_inf on the device (SKIP). A
+capturable launch holds one param group, whose lr is that device scalar.
 """
 
 import triton
@@ -66,9 +67,8 @@ def _address(table, index, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 def _update_block(
     param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
-    AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FACTORED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
     mask = index < end
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
@@ -89,15 +89,15 @@ def _update_block(
         s2 = _load(s2_ptr + index, mask, BF16, OP, MASKED)
 
     if OPTIMIZER == SGD:
-        p, s0, s1, s2 = optimizers.sgd(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM, NESTEROV, L2)
+        p, s0, s1, s2 = optimizers.sgd(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM)
     elif OPTIMIZER == ADAGRAD:
-        p, s0, s1, s2 = optimizers.adagrad(p, g, s0, s1, s2, hyper, scalars, OP, L2)
+        p, s0, s1, s2 = optimizers.adagrad(p, g, s0, s1, s2, hyper, scalars, OP)
     elif OPTIMIZER == RMSPROP:
-        p, s0, s1, s2 = optimizers.rmsprop(p, g, s0, s1, s2, hyper, scalars, OP, L2, MOMENTUM, CENTERED)
+        p, s0, s1, s2 = optimizers.rmsprop(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM, CENTERED)
     elif OPTIMIZER == ADADELTA:
-        p, s0, s1, s2 = optimizers.adadelta(p, g, s0, s1, s2, hyper, scalars, OP, L2)
+        p, s0, s1, s2 = optimizers.adadelta(p, g, s0, s1, s2, hyper, scalars, OP)
     else:
-        p, s0, s1, s2 = optimizers.adam(p, g, s0, s1, s2, hyper, scalars, OP, AMSGRAD, L2)
+        p, s0, s1, s2 = optimizers.adam(p, g, s0, s1, s2, hyper, scalars, OP, AMSGRAD)
 
     _store(param_ptr + index, p, mask, BF16, MASKED)
     if STATES > 0:
@@ -138,17 +138,17 @@ def capturable_prologue_kernel(
 
 @triton.jit
 def optimizer_kernel(
-    tables, uploads, factors, skip, n_tensors, first_chunk,
+    tables, uploads, factors, skip, n_tensors, n_groups, first_chunk,
     OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
-    AMSGRAD: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    CENTERED: tl.constexpr, FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     if SKIP:  # GradScaler found inf or NaN: nothing moves
         if tl.load(skip) != 0:
             return
-    chunk = tables + (2 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
+    chunk = tables + (3 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
     t = tl.load(chunk)
     start = tl.load(chunk + 1)
     if ALIGNED:
@@ -166,8 +166,9 @@ def optimizer_kernel(
         s1_ptr = _address(tables + 3 * n_tensors, t, STORAGE, ALIGNED)
     if STATES > 2:
         s2_ptr = _address(tables + 4 * n_tensors, t, STORAGE, ALIGNED)
-    hyper = uploads + n_tensors
-    scalars = hyper + N_HYPER + t * K
+    group = tl.load(tables + (2 + STATES) * n_tensors + t)
+    hyper = uploads + n_tensors + group * N_HYPER
+    scalars = uploads + n_tensors + n_groups * N_HYPER + t * K
 
     # Whole blocks without a mask (a mask of unknown extent keeps loads from vectorizing),
     # then at most one masked block for the tail.
@@ -176,9 +177,9 @@ def optimizer_kernel(
         if ALIGNED:
             offset = tl.multiple_of(offset, BLOCK)
         _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK),
-                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
-                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=False)
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
+                      MOMENTUM, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=False)
     if full_end < end:
         _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK),
-                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, L2,
-                      MOMENTUM, NESTEROV, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=True)
+                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
+                      MOMENTUM, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=True)

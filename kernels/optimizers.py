@@ -11,7 +11,11 @@ finds one, so they may fuse where these kernels round twice.
 An update gets blocks of param, grad and up to three state tensors, already in opmath, plus
 `hyper` (the optimizer's Hyper from csrc/optimizers.h, as float64, same field order) and
 `scalars` (the tensor's per-tensor scalars, computed on the host by the C++ module). It returns
-the new param and states. Flags (AMSGRAD, L2, ...) are compile-time, chosen by mode() below.
+the new param and states. Only the flags that change the state layout (AMSGRAD, MOMENTUM,
+CENTERED) are compile-time, chosen by mode() below; the others (weight decay on or off, Nesterov)
+are read from `hyper` like every hyperparameter, so the param groups of one launch may differ in
+them and a scheduler never recompiles a kernel. Where a C++ Update skips an op at compile time,
+these select the op's input instead (tl.where), which gives the same bits.
 """
 
 import triton
@@ -60,40 +64,40 @@ def _grad_sign(maximize, OP: tl.constexpr):
 
 
 @triton.jit
-def sgd(param, grad, buf, unused1, unused2, hyper, scalars, OP: tl.constexpr,
-        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, L2: tl.constexpr):
+def _weight_decay(param, grad, weight_decay, OP: tl.constexpr):
+    # grad.add(param, alpha=weight_decay), as torch does only when weight_decay != 0.
+    return tl.where(weight_decay != 0.0, _mul_add(param, weight_decay.to(OP), grad), grad)
+
+
+@triton.jit
+def sgd(param, grad, buf, unused1, unused2, hyper, scalars, OP: tl.constexpr, MOMENTUM: tl.constexpr):
     # Hyper: lr, momentum, dampening, weight_decay, nesterov, maximize. Scalars: fresh.
     lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
     momentum = tl.load(hyper + 1).to(tl.float64, bitcast=True)
     dampening = tl.load(hyper + 2).to(tl.float64, bitcast=True)
     weight_decay = tl.load(hyper + 3).to(tl.float64, bitcast=True)
+    nesterov = tl.load(hyper + 4).to(tl.float64, bitcast=True)
     maximize = tl.load(hyper + 5).to(tl.float64, bitcast=True)
     grad = grad * _grad_sign(maximize, OP)
-    if L2:
-        grad = _mul_add(param, weight_decay.to(OP), grad)
+    grad = _weight_decay(param, grad, weight_decay, OP)
     if MOMENTUM:
         fresh = tl.load(scalars + 0).to(tl.float64, bitcast=True)
         # torch starts the buffer as a copy of the first gradient, without dampening.
         buf = tl.where(fresh != 0.0, grad, _mul_add(grad, (1.0 - dampening).to(OP), buf * momentum.to(OP)))
-        if NESTEROV:
-            grad = _mul_add(buf, momentum.to(OP), grad)
-        else:
-            grad = buf
+        grad = tl.where(nesterov != 0.0, _mul_add(buf, momentum.to(OP), grad), buf)
     param = _mul_add(grad, (-lr).to(OP), param)
     return param, buf, unused1, unused2
 
 
 @triton.jit
-def adagrad(param, grad, state_sum, unused1, unused2, hyper, scalars, OP: tl.constexpr,
-            L2: tl.constexpr):
+def adagrad(param, grad, state_sum, unused1, unused2, hyper, scalars, OP: tl.constexpr):
     # Hyper: lr, lr_decay, weight_decay, eps, maximize. Scalars: -clr.
     weight_decay = tl.load(hyper + 2).to(tl.float64, bitcast=True)
     eps = tl.load(hyper + 3).to(tl.float64, bitcast=True)
     maximize = tl.load(hyper + 4).to(tl.float64, bitcast=True)
     neg_clr = tl.load(scalars + 0).to(tl.float64, bitcast=True).to(OP)
     grad = grad * _grad_sign(maximize, OP)
-    if L2:
-        grad = _mul_add(param, weight_decay.to(OP), grad)
+    grad = _weight_decay(param, grad, weight_decay, OP)
     state_sum = _mul_add(grad, grad, state_sum)
     param = param + _div(neg_clr * grad, _sqrt(state_sum, OP) + eps.to(OP), OP)
     return param, state_sum, unused1, unused2
@@ -101,7 +105,7 @@ def adagrad(param, grad, state_sum, unused1, unused2, hyper, scalars, OP: tl.con
 
 @triton.jit
 def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.constexpr,
-            L2: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr):
+            MOMENTUM: tl.constexpr, CENTERED: tl.constexpr):
     # Hyper: lr, alpha, eps, weight_decay, momentum, centered, maximize. No scalars.
     # States: square_avg, then momentum_buffer if MOMENTUM, then grad_avg if CENTERED.
     lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
@@ -111,8 +115,7 @@ def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.const
     momentum = tl.load(hyper + 4).to(tl.float64, bitcast=True)
     maximize = tl.load(hyper + 6).to(tl.float64, bitcast=True)
     grad = grad * _grad_sign(maximize, OP)
-    if L2:
-        grad = _mul_add(param, weight_decay.to(OP), grad)
+    grad = _weight_decay(param, grad, weight_decay, OP)
     square_avg = _mul_add((1.0 - alpha).to(OP) * grad, grad, square_avg * alpha.to(OP))
     if MOMENTUM:
         buf = second
@@ -140,7 +143,7 @@ def rmsprop(param, grad, square_avg, second, third, hyper, scalars, OP: tl.const
 
 @triton.jit
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: tl.constexpr,
-         AMSGRAD: tl.constexpr, L2: tl.constexpr):
+         AMSGRAD: tl.constexpr):
     # Hyper: lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled.
     # Scalars: -lr / bias_correction1, sqrt(bias_correction2).
     lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
@@ -155,8 +158,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: t
     param_decay = tl.where(decoupled != 0.0, 1.0 - lr * weight_decay, 1.0).to(OP)
 
     grad = grad * _grad_sign(maximize, OP)
-    if L2:
-        grad = _mul_add(param, weight_decay.to(OP), grad)
+    grad = _weight_decay(param, grad, tl.where(decoupled != 0.0, 0.0, weight_decay), OP)
     param = param * param_decay
     exp_avg = _lerp(exp_avg, grad, (1.0 - beta1).to(OP))
     exp_avg_sq = _mul_add((1.0 - beta2).to(OP) * grad, grad, exp_avg_sq * beta2.to(OP))
@@ -170,7 +172,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, scalars, OP: t
 
 
 @triton.jit
-def adadelta(param, grad, square_avg, acc_delta, unused, hyper, scalars, OP: tl.constexpr, L2: tl.constexpr):
+def adadelta(param, grad, square_avg, acc_delta, unused, hyper, scalars, OP: tl.constexpr):
     # Hyper: lr, rho, eps, weight_decay, maximize. No scalars.
     lr = tl.load(hyper + 0).to(tl.float64, bitcast=True)
     rho = tl.load(hyper + 1).to(tl.float64, bitcast=True)
@@ -178,8 +180,7 @@ def adadelta(param, grad, square_avg, acc_delta, unused, hyper, scalars, OP: tl.
     weight_decay = tl.load(hyper + 3).to(tl.float64, bitcast=True)
     maximize = tl.load(hyper + 4).to(tl.float64, bitcast=True)
     grad = grad * _grad_sign(maximize, OP)
-    if L2:
-        grad = _mul_add(param, weight_decay.to(OP), grad)
+    grad = _weight_decay(param, grad, weight_decay, OP)
     square_avg = _mul_add((1.0 - rho).to(OP) * grad, grad, square_avg * rho.to(OP))
     std = _sqrt(square_avg + eps.to(OP), OP)
     delta = _div(_sqrt(acc_delta + eps.to(OP), OP), std, OP) * grad
@@ -214,18 +215,15 @@ def tensor_scalars(OPTIMIZER: tl.constexpr, step, lr, hyper):
 
 
 def mode(kernel: str, hyper: tuple) -> dict:
-    """The compile-time flags for a step, from the Hyper values (as in each with_update in C++)."""
+    """The compile-time flags for a launch, from one param group's Hyper values (as in each
+    with_update in C++): only those that change the state layout, which a launch's groups share."""
     if kernel == "sgd":
-        lr, momentum, dampening, weight_decay, nesterov, maximize = hyper
-        return dict(MOMENTUM=momentum != 0, NESTEROV=momentum != 0 and nesterov != 0, L2=weight_decay != 0)
-    if kernel == "adagrad":
-        return dict(L2=hyper[2] != 0)
+        return dict(MOMENTUM=hyper[1] != 0)
     if kernel == "rmsprop":
         lr, alpha, eps, weight_decay, momentum, centered, maximize = hyper
-        return dict(L2=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered != 0)
+        return dict(MOMENTUM=momentum > 0, CENTERED=centered != 0)
     if kernel == "adam":
-        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled = hyper
-        return dict(AMSGRAD=amsgrad != 0, L2=weight_decay != 0 and decoupled == 0)
-    if kernel == "adadelta":
-        return dict(L2=hyper[3] != 0)
+        return dict(AMSGRAD=hyper[5] != 0)
+    if kernel in ("adagrad", "adadelta"):
+        return {}
     raise ValueError(f"unknown optimizer kernel {kernel!r}")

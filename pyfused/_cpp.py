@@ -19,7 +19,18 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 REAL_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # complex as its real view
 
 
-def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
+HYPER_SIZES = {name: _C.hyper_size(code) for name, code in OPTIMIZERS.items()}
+
+
+def _hypers(kernel: str, bucket, hypers) -> int:
+    """The address of the bucket's hyperparameters (array('d'): each param group's Hyper in turn)."""
+    if len(hypers) != len(bucket.group_ends) * HYPER_SIZES[kernel]:
+        raise ValueError(f"expected {HYPER_SIZES[kernel]} hyperparameters per param group, got {len(hypers)} "
+                         f"for {len(bucket.group_ends)} groups")
+    return hypers.buffer_info()[0]
+
+
+def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
     """One call updates every tensor of the bucket, on torch.get_num_threads() threads."""
     _C.optimizer_step(
         OPTIMIZERS[kernel],
@@ -30,7 +41,9 @@ def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
         bucket.steps.buffer_info()[0] if bucket.steps is not None else 0,
         bucket.steps_are_double,
         bucket.flags.buffer_info()[0] if bucket.flags is not None else 0,
-        hyper,
+        len(bucket.group_ends),
+        bucket.group_ends.buffer_info()[0],
+        _hypers(kernel, bucket, hypers),
         torch.get_num_threads(),
         grad_factor.divisor_value,
         grad_factor.multiplier_value,
@@ -50,7 +63,7 @@ def norm_powered_sum(dtype_code: int, numels, addresses, kind: int, p: float) ->
     )
 
 
-def tensor_scalars(kernel: str, bucket, hyper: tuple, out: int) -> None:
+def tensor_scalars(kernel: str, bucket, hypers, out: int) -> None:
     """Advances the bucket's steps and writes its per-tensor scalars (doubles) at address out."""
     _C.tensor_scalars(
         OPTIMIZERS[kernel],
@@ -59,7 +72,9 @@ def tensor_scalars(kernel: str, bucket, hyper: tuple, out: int) -> None:
         bucket.steps.buffer_info()[0] if bucket.steps is not None else 0,
         bucket.steps_are_double,
         bucket.flags.buffer_info()[0] if bucket.flags is not None else 0,
-        hyper,
+        len(bucket.group_ends),
+        bucket.group_ends.buffer_info()[0],
+        _hypers(kernel, bucket, hypers),
         out,
     )
 

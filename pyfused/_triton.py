@@ -44,12 +44,15 @@ def _chunk_tables(numels, rows, device):
 
 
 def _device_tables(bucket):
-    """A bucket's numels, param and state addresses and chunk table; built once per plan."""
+    """A bucket's numels, param and state addresses, each tensor's param group and chunk table;
+    built once per plan."""
     rows = torch.frombuffer(bucket.addresses, dtype=torch.int64).view(-1, bucket.n)
     kept = torch.cat([rows[:1], rows[2:]])  # grads come with each step's upload
     numels = torch.frombuffer(bucket.numels, dtype=torch.int64)
-    tables, n_chunks, aligned = _chunk_tables(numels, kept, bucket.device)
-    return tables, n_chunks, len(kept) - 1, aligned
+    ends = torch.frombuffer(bucket.group_ends, dtype=torch.int64)
+    groups = torch.repeat_interleave(torch.arange(len(ends)), torch.diff(ends, prepend=ends.new_zeros(1)))
+    tables, n_chunks, _ = _chunk_tables(numels, torch.cat([kept, groups[None]]), bucket.device)
+    return tables, n_chunks, len(kept) - 1, bool((kept % 16 == 0).all())
 
 
 def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Tensor:
@@ -73,27 +76,30 @@ def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Te
     return partials.sum()
 
 
-def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, skip):
+def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, skip):
     types, multi_tensor, optimizers, _ = _kernels()
     storage, op = types[bucket.dtype_code]
     factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
+    n_hyper = _cpp.HYPER_SIZES[kernel]
     for first in range(0, n_chunks, _MAX_PROGRAMS):
         multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
-            tables, uploads, factors, uploads if skip is None else skip, bucket.n, first,
+            tables, uploads, factors, uploads if skip is None else skip, bucket.n, len(bucket.group_ends), first,
             OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
-            STATES=n_states, N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel]),
-            **{"AMSGRAD": False, "L2": False, "MOMENTUM": False, "NESTEROV": False, "CENTERED": False,
-               **optimizers.mode(kernel, hyper)},
+            STATES=n_states, N_HYPER=n_hyper, K=_cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel]),
+            # The groups of a launch share their state layout: the first group's flags are all's.
+            **{"AMSGRAD": False, "MOMENTUM": False, "CENTERED": False,
+               **optimizers.mode(kernel, tuple(hypers[:n_hyper]))},
             FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads, SKIP=skip is not None,
             CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
             enable_fp_fusion=False,  # the only FMAs: the explicit ones, as in the C++ FMA builds
         )
 
 
-def capturable_step(kernel: str, bucket, hyper: tuple, grad_factor, lr, found_inf) -> None:
+def capturable_step(kernel: str, bucket, hyper, grad_factor, lr, found_inf) -> None:
     """capturable=True: no host sync and no host data that changes from step to step, so the
     step can be captured in a CUDA graph. Two launches: the prologue advances the device step
-    counters and derives lr and the per-tensor scalars on the device, then the update."""
+    counters and derives lr and the per-tensor scalars on the device, then the update. The
+    bucket holds one param group, whose Hyper is `hyper` (array('d'))."""
     types, multi_tensor, _, _ = _kernels()
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:  # torch's capturable optimizers (Adam, AdamW, RMSprop) all count steps
@@ -131,7 +137,8 @@ def capturable_step(kernel: str, bucket, hyper: tuple, grad_factor, lr, found_in
     _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, found_inf)
 
 
-def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
+def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
+    """hypers: array('d'), the Hyper of each of the bucket's param groups in turn."""
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
         cached = bucket.triton_tables = _device_tables(bucket)
@@ -139,17 +146,17 @@ def optimizer_step(kernel: str, bucket, hyper: tuple, grad_factor) -> None:
     n = bucket.n
     k = _cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel])
 
-    # One upload per step: grad addresses, hyper and the per-tensor scalars (steps advance here).
+    # One upload per step: grad addresses, hypers and the per-tensor scalars (steps advance here).
     on_cuda = bucket.device.type == "cuda"
-    host = torch.empty(n + len(hyper) + n * k, dtype=torch.int64, pin_memory=on_cuda)
+    host = torch.empty(n + len(hypers) + n * k, dtype=torch.int64, pin_memory=on_cuda)
     grads = bucket.addresses[n : 2 * n]
     host[:n] = torch.frombuffer(grads, dtype=torch.int64)
-    host[n : n + len(hyper)] = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
-    _cpp.tensor_scalars(kernel, bucket, hyper, host.data_ptr() + 8 * (n + len(hyper)))
+    host[n : n + len(hypers)] = torch.frombuffer(hypers, dtype=torch.int64)
+    _cpp.tensor_scalars(kernel, bucket, hypers, host.data_ptr() + 8 * (n + len(hypers)))
     uploads = host.to(bucket.device, non_blocking=True) if on_cuda else host
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
-    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, None)
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, None)
 
 
 # Batch normalization (kernels/batchnorm.py): the same entry points as pyfused/_cpp.py's, on

@@ -26,6 +26,7 @@ _perturbed(eps) (PYFUSED_CHECK_PERTURB=eps on the command line) is the test-only
 the kernels wrong on purpose, so that a test can see the checker fail.
 """
 
+import array
 import contextlib
 import dataclasses
 import importlib
@@ -185,8 +186,12 @@ def _perturbed(eps):
     from pyfused import _cpp, _triton  # _triton imports triton only when a kernel launches
 
     def scaled_lr(step):
-        def wrapped(kernel, bucket, hyper, *args):
-            return step(kernel, bucket, (hyper[0] * (1 + eps),) + tuple(hyper[1:]), *args)
+        def wrapped(kernel, bucket, hypers, *args):
+            # hypers: each param group's Hyper in turn (array('d')), lr first in each
+            scaled = array.array("d", hypers)
+            for i in range(0, len(scaled), _cpp.HYPER_SIZES[kernel]):
+                scaled[i] *= 1 + eps
+            return step(kernel, bucket, scaled, *args)
 
         return wrapped
 

@@ -1,19 +1,24 @@
-"""What every pyfused optimizer shares: one kernel call per (param group, device, dtype).
+"""What every pyfused optimizer shares: one kernel call per (device, dtype, state layout).
 
 A pyfused optimizer is a subclass of torch's optimizer of the same name with this mixin in front.
 Construction, argument checks, param groups, state_dict and schedulers are therefore torch's own;
 only step() differs. A subclass says three things (see adam.py):
-  _state_keys(group)           the state tensors the kernel reads and writes, in its role order;
+  _state_keys(group)           the state tensors the kernel reads and writes, in its role order
+                               (the group's state layout: groups with the same one share a call);
   _new_state(p, group, state)  the state torch would create for p that `state` lacks (default: a step
                                count and zeros for each state key), and p's per-tensor flags for the kernel;
   _hyper(group)                the kernel's scalars, in the order of its Hyper in csrc/optimizers.h.
 
-step() caches, per param group, a plan: the tensors grouped by (device, dtype) into buckets with
-their address tables. Each step then only reads the grads, checks them, and writes their
-addresses into the table. The plan is rebuilt when a param gains or loses its grad, a param's
-storage moves, or a state tensor is replaced (load_state_dict, a state reset, a group option
-that adds or removes one). New state enters optimizer.state only once a step has run, so a step
-refused for bad input, or skipped by GradScaler, changes nothing.
+step() caches a plan: every param group's tensors bucketed by (device, dtype, state layout), with
+their address tables. Groups that differ only in scalar hyperparameters (lr, weight decay, betas,
+...) share a bucket, and so a kernel call; each group's Hyper travels with it, read anew every
+step (a scheduler's lr takes effect at the next step, and never recompiles a Triton kernel). Each
+step then only reads the grads, checks them, and writes their addresses into the tables. The plan
+is rebuilt when a param group is added, a param is replaced or gains or loses its grad, a param's
+storage moves, or a state dict or state tensor is replaced (load_state_dict, a state reset, a
+group option that adds or removes one); these checks are C-level passes over the flat lists of
+params, grads and state objects. New state enters optimizer.state only once a step has run, so a
+step refused for bad input, or skipped by GradScaler, changes nothing.
 
 DTensor params (FSDP2's fully_shard, tensor parallelism): the kernels see each DTensor's local
 shard (its pointer, numel, shape and strides), never the DTensor itself, whose data_ptr() is not
@@ -26,9 +31,11 @@ storage) is refused before anything changes.
 
 import array
 import functools
+import itertools
 import operator
 import os
 import sys
+import weakref
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -38,11 +45,13 @@ from pyfused import _backend, _cpp
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _REAL_DTYPES = _cpp.REAL_DTYPES
 _grad_of = operator.attrgetter("grad")
+_params_of = operator.itemgetter("params")
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
 _device_of = operator.attrgetter("device")
 _stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
+_deref = weakref.ref.__call__
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -119,43 +128,46 @@ def _check_same_sharding(p, t, where, what):
         )
 
 
-def _addresses_overlap(regions) -> bool:
-    """Whether any two of the (start, end) byte ranges overlap."""
+def _overlapping_pair(regions):
+    """Two of the (start, end, owner) byte ranges that overlap, or None."""
     regions = sorted(r for r in regions if r[0] != r[1])
-    return any(b[0] < a[1] for a, b in zip(regions, regions[1:]))
+    return next(((a, b) for a, b in zip(regions, regions[1:]) if b[0] < a[1]), None)
 
 
 class _Bucket:
-    """The tensors of one param group that share a device and dtype: one kernel call per step."""
+    """The tensors that share a device, a dtype and a state layout, across param groups: one
+    kernel call per step. The table lists them group by group; group_ends says where each ends."""
 
-    def __init__(self, optimizer, where, device, dtype, positions, params, states, keys, capturable=False):
-        # params: the group's params (DTensors or plain); states: each param's state as the step
-        # will leave it (existing and new tensors). The tables hold local shards only.
+    def __init__(self, optimizer, where, device, dtype, members, keys, capturable=False):
+        # members: (flat position, group index, param, state as the step will leave it, flag), in
+        # group order; params are DTensors or plain, the tables hold local shards only.
+        positions, groups, params, states, flags = map(list, zip(*members))
         self.device = device
         self.dtype = dtype
         self.capturable = capturable  # step counters on the device; see pyfused/_triton.py
         self.dtype_code = _DTYPE_CODES[_REAL_DTYPES.get(dtype, dtype)]
         self.positions = positions
         self.n = len(positions)
-        self.where = where  # a function naming a param for error messages
+        self.groups = list(dict.fromkeys(groups))  # the param groups, each once, in order
+        ends = itertools.accumulate(map(groups.count, self.groups))
+        self.group_ends = array.array("q", ends)
+        self.where = where  # a function naming a param (by flat position) for error messages
         self.params = params
         shards = list(map(_local, params))
         self.shapes = [p.shape for p in shards]
         self.strides = [p.stride() for p in shards]
         self.dtypes = [dtype] * self.n
         self.devices = [device] * self.n
-        dtensor = _dtensor_type()
         is_dtensor = [_is_dtensor(p) for p in params]
-        # What each step's grads must be, checked with C-level loops: their types and, for DTensor
-        # params, their meshes and placements.
-        self.grad_types = [dtensor if d else torch.Tensor for d in is_dtensor]
+        # For DTensor params, what each step's grads must be beyond their types (which the plan
+        # checks): their meshes and placements.
         self.layouts = [_dtensor_layout(p) for p in params] if any(is_dtensor) else None
         self.is_dtensor = is_dtensor
-        # Picks this bucket's grads out of the group's grad list.
+        # Picks this bucket's grads out of the step's grad list.
         if len(positions) == 1:
             self.select = lambda grads, i=positions[0]: [grads[i]]
         else:
-            self.select = operator.itemgetter(*positions) if positions else (lambda grads: [])
+            self.select = operator.itemgetter(*positions)
         # A complex tensor is updated as its real view, as torch does.
         scale = 2 if dtype.is_complex else 1
         self.numels = array.array("q", [p.numel() * scale for p in shards])
@@ -163,13 +175,21 @@ class _Bucket:
         for key in keys:
             rows.append([_local(s[key]).data_ptr() for s in states])
         self.addresses = array.array("q", [a for row in rows for a in row])
-        element = shards[0].element_size() if shards else 0
+        element = shards[0].element_size()
         written = [row for i, row in enumerate(rows) if i != 1]
-        regions = [(a, a + e * element) for row in written for a, e in zip(row, [p.numel() for p in shards])]
-        if _addresses_overlap(regions):
+        pair = _overlapping_pair([(a, a + e * element, k) for row in written
+                                  for k, (a, e) in enumerate(zip(row, [p.numel() for p in shards]))])
+        if pair is not None:
+            first, second = (groups[r[2]] for r in pair)
+            if first == second:
+                raise RuntimeError(
+                    f"{where(positions[groups.index(first)])}: params or state tensors of this param group "
+                    "share memory; pyfused updates each tensor in place and needs them apart"
+                )
             raise RuntimeError(
-                f"{where(positions[0])}: params or state tensors of this param group share memory; "
-                "pyfused updates each tensor in place and needs them apart"
+                f"pyfused.optim.{type(optimizer).__name__}: params or state tensors of param groups "
+                f"{min(first, second)} and {max(first, second)} share memory; pyfused updates each "
+                "tensor in place and needs them apart"
             )
         self.steps = None
         self.steps_are_double = False
@@ -178,16 +198,35 @@ class _Bucket:
             self.step_tensors = [s["step"] for s in states]
             self.steps_are_double = self.step_tensors[0].dtype == torch.float64
             self.steps = array.array("q", map(_data_ptr, self.step_tensors))
-        self.flags = None
+        self.checked = None  # weak references to the grads load_grads() last checked
+        self.grad_addresses = None
+        # Flags mark a tensor's first step only: cleared by the plan's commit().
+        self.flags = array.array("q", flags) if any(flags) else None
+
+    def hypers(self, hypers):
+        """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn."""
+        return array.array("d", itertools.chain.from_iterable(map(hypers.__getitem__, self.groups)))
 
     def load_grads(self, grads):
-        """Checks this bucket's grads and writes their addresses. Returns copies to keep alive."""
+        """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
+        Their types the plan has checked."""
         grads = self.select(grads)
+        # The grads the last step checked, if they are still the same tensors at the same
+        # addresses with the same strides (weak references: holding a grad would keep its memory
+        # alive after zero_grad()), need no other check: their addresses are in the table already.
+        if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
+            if list(map(_stride_of, grads)) == self.strides and array.array("q", map(_data_ptr, grads)) == self.grad_addresses:
+                return []
+        self.checked = None
+        copies = self._check_grads(grads)
+        if not copies and self.layouts is None:
+            self.grad_addresses = self.addresses[self.n : 2 * self.n]
+            self.checked = list(map(weakref.ref, grads))
+        return copies
+
+    def _check_grads(self, grads):
         # Metadata is read with map() (C loops); the per-tensor Python loop runs only on a mismatch.
-        # A grad of another type (a DTensor where a plain tensor belongs, a wrapper subclass) has
-        # no address to hand out: the slow path names it.
-        if list(map(type, grads)) != self.grad_types or (
-                self.layouts is not None and list(map(_dtensor_layout, grads)) != self.layouts):
+        if self.layouts is not None and list(map(_dtensor_layout, grads)) != self.layouts:
             return self._conform(grads)
         selected = grads
         if self.layouts is not None:
@@ -223,63 +262,86 @@ class _Bucket:
         self.addresses[self.n : 2 * self.n] = array.array("q", map(_data_ptr, shards))
         return copies
 
-class _GroupPlan:
-    """A param group's buckets, and what must stay unchanged for them to stay valid."""
 
-    def __init__(self, optimizer, group, group_index, params, grads):
+def _state_objects(state):
+    """Every per-param state dict of the optimizer, then every value in them: what the plan's
+    tables were built from, compared by identity (no tensor hashing: a C-level pass)."""
+    try:
+        return list(itertools.chain(state.values(), itertools.chain.from_iterable(map(dict.values, state.values()))))
+    except TypeError:  # a state entry that is not a dict: the plan is rebuilt every step
+        return None
+
+
+class _Plan:
+    """The step's kernel calls, and what must stay unchanged for them to stay valid.
+
+    Every param group's tensors are bucketed by (device, dtype, state layout): groups that differ
+    only in scalar hyperparameters share one call, each group's values travelling with it."""
+
+    def __init__(self, optimizer, groups, params, grads, keys):
         name = type(optimizer).__name__
+        locations = [(index, position) for index, group in enumerate(groups) for position in range(len(group["params"]))]
 
-        def where(position):
-            return f"pyfused.optim.{name}: param {position} of param group {group_index}"
+        def where(flat):
+            index, position = locations[flat]
+            return f"pyfused.optim.{name}: param {position} of param group {index}"
 
-        self.group = group
+        # Holding the groups, params and state objects keeps their ids, which still_valid()
+        # compares, unique.
+        self.groups = list(groups)
+        self.group_ids = list(map(id, groups))
+        self.params = params
+        self.param_ids = list(map(id, params))
+        self.grad_types = list(map(type, grads))  # NoneType where a param has no grad
+        self.keys = keys
         self.state_container = optimizer.state
-        self.has_grad = [g is not None for g in grads]
         self.has_dtensors = any(map(_is_dtensor, params))
         self.param_addresses = self._addresses(params)
-        positions = [i for i, g in enumerate(grads) if g is not None]
-        self.active = [params[i] for i in positions]
-        self.uses_torch = any(_backend.backend_for(p.device) == "torch" for p in self.active)
         self.buckets = []
         self.pending = []
-        self.keys = optimizer._state_keys(group)
-        self.tensor_ids = {}
+        self.state_objects = self.state_ids = None
+        active = [i for i, g in enumerate(grads) if g is not None]
+        self.uses_torch = any(_backend.backend_for(params[i].device) == "torch" for i in active)
         if self.uses_torch:
             return  # devices without pyfused kernels: the whole step is torch's own
-        for i in positions:
+        for i in active:
             _check_param(params[i], where(i))
             _check_grad(params[i], grads[i], where(i))
 
         # Each param's state as the step will leave it. What is new (torch's lazy state, a step
         # counter moved to the host, a tensor copied into the param's layout) waits in
         # self.pending until a step has run.
-        views, flags = [], []
-        for i, p in zip(positions, self.active):
+        group_of = [index for index, _ in locations]
+        members = {}
+        host_steps, device_steps = ([], []), {}
+        for i in active:
+            p, index = params[i], group_of[i]
+            group = groups[index]
             existing = optimizer.state.get(p, {})
             new, flag = optimizer._new_state(p, group, existing)
             view = {**existing, **new}
-            new.update(_conformed_state(p, view, self.keys, where(i)))
-            views.append({**view, **new})
-            flags.append(flag)
+            new.update(_conformed_state(p, view, keys[index], where(i)))
+            view.update(new)
             if new:
                 self.pending.append((p, new))
+            capturable = bool(group.get("capturable"))
+            steps = device_steps.setdefault(index, ([], [])) if capturable else host_steps
+            steps[0].append(p)
+            steps[1].append(view)
+            # Capturable groups keep a call each: their lr is read on the device.
+            key = (p.device, p.dtype, keys[index], index if capturable else None)
+            members.setdefault(key, []).append((i, index, p, view, flag))
+        # The step counters of one call must share a float type: all host ones do, and each
+        # capturable group's do.
         if optimizer._counts_steps:
-            _conform_steps(self.active, views, self.pending, on_device=bool(group.get("capturable")))
-
-        members = {}
-        for i, p, view, flag in zip(positions, self.active, views, flags):
-            members.setdefault((p.device, p.dtype), []).append((i, p, view, flag))
-        for (device, dtype), group_members in members.items():
-            positions_, params_, views_, flags_ = map(list, zip(*group_members))
-            bucket = _Bucket(optimizer, where, device, dtype, positions_, params_, views_, self.keys,
-                             capturable=bool(group.get("capturable")))
-            if any(flags_):  # flags mark a tensor's first step only, cleared by commit()
-                bucket.flags = array.array("q", flags_)
-            self.buckets.append(bucket)
-        # Holding the state tensors keeps their ids, which still_valid() compares, unique.
-        self.views = views
-        for key in self.keys + (("step",) if optimizer._counts_steps else ()):
-            self.tensor_ids[key] = [id(v[key]) for v in views]
+            _conform_steps(*host_steps, self.pending)
+            for steps in device_steps.values():
+                _conform_steps(*steps, self.pending, on_device=True)
+        for (device, dtype, state_keys, capturable), bucket_members in members.items():
+            self.buckets.append(_Bucket(optimizer, where, device, dtype, bucket_members, state_keys,
+                                        capturable=capturable is not None))
+        if not self.pending:
+            self._snapshot(optimizer)
 
     def _addresses(self, params):
         """The params' addresses: their local shards' for DTensors (a DTensor's own data_ptr()
@@ -288,29 +350,33 @@ class _GroupPlan:
             return [_local(p).data_ptr() for p in params]
         return list(map(_data_ptr, params))
 
-    def still_valid(self, optimizer, group, params, grads) -> bool:
-        if self.pending or optimizer.state is not self.state_container:
-            return False
-        if [g is not None for g in grads] != self.has_grad:
-            return False
+    def _snapshot(self, optimizer):
+        self.state_objects = _state_objects(optimizer.state)
+        self.state_ids = None if self.state_objects is None else list(map(id, self.state_objects))
+
+    def still_valid(self, optimizer, groups, params, grads, keys) -> bool:
+        # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
+        # type changes the grad types; a replaced state dict or state tensor changes a state id.
         # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
-        # is near 0, a shard's a heap address): no per-param type check is needed here.
+        # is near 0, a shard's a heap address).
+        if self.state_ids is None or optimizer.state is not self.state_container:
+            return False
+        if keys != self.keys or list(map(id, groups)) != self.group_ids:
+            return False
+        if list(map(id, params)) != self.param_ids or list(map(type, grads)) != self.grad_types:
+            return False
         if self._addresses(params) != self.param_addresses:
             return False
-        if self.keys != optimizer._state_keys(group):
-            return False
-        states = list(map(optimizer.state.get, self.active))
-        try:
-            return all(list(map(id, map(operator.itemgetter(key), states))) == ids
-                       for key, ids in self.tensor_ids.items())
-        except (KeyError, TypeError):  # a state entry or a param's whole state is gone
-            return False
+        objects = _state_objects(optimizer.state)
+        return objects is not None and list(map(id, objects)) == self.state_ids
 
     def commit(self, optimizer):
         """After the step ran: the new state becomes the optimizer's."""
-        for param, new in self.pending:
-            optimizer.state[param].update(new)
-        self.pending = []
+        if self.pending:
+            for param, new in self.pending:
+                optimizer.state[param].update(new)
+            self.pending = []
+            self._snapshot(optimizer)
         for bucket in self.buckets:
             bucket.flags = None
 
@@ -463,7 +529,8 @@ class FusedOptimizer:
             raise RuntimeError(refusal)
 
     def step(self, closure=None):
-        """Performs a single optimization step, one kernel call per (param group, dtype).
+        """Performs a single optimization step: one kernel call per (device, dtype, state
+        layout), whatever the number of param groups.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
@@ -478,41 +545,53 @@ class FusedOptimizer:
         if _backend.forced_backend() == "torch":
             self._torch_step(factor, found_inf)
             return loss
-        # Every group is checked before any tensor changes.
-        work = [self._prepare(group, index) for index, group in enumerate(self.param_groups)]
-        if any(plan.uses_torch for _, plan, _ in work):
+        # Everything is checked before any tensor changes.
+        groups = self.param_groups
+        params = list(itertools.chain.from_iterable(map(_params_of, groups)))
+        grads = list(map(_grad_of, params))
+        keys = list(map(self._state_keys, groups))
+        plan = self.__dict__.get("_pyfused_plan")
+        if plan is None or not plan.still_valid(self, groups, params, grads, keys):
+            self._pyfused_plan = None
+            plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
+        if plan.uses_torch:
             self._torch_step(factor, found_inf)
             return loss
-        hypers = [self._scalars(group, index) for index, group in enumerate(self.param_groups)]
+        _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
+        dtensor = _dtensor_type()
+        hypers = [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
         # verdict on the device; the others need it on the host.
-        if found_inf is not None and not all(g.get("capturable") for g in self.param_groups):
+        if found_inf is not None and not all(g.get("capturable") for g in groups):
             if float(found_inf) != 0:
                 return loss
             found_inf = None
-        for (group, plan, _grad_copies), (hyper, lr) in zip(work, hypers):
-            for bucket in plan.buckets:
-                _run(self._kernel, bucket, hyper, factor, lr, found_inf)
-            plan.commit(self)
+        values = [hyper for hyper, _ in hypers]
+        for bucket in plan.buckets:
+            _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf)
+        plan.commit(self)
         return loss
 
-    def _scalars(self, group, index):
+    def _scalars(self, group, index, dtensor):
         """The kernel's scalars, and lr as given (read on the device when capturable). A DTensor
-        lr must be Replicate: every rank then holds the whole value in its local tensor."""
-        hyper = list(self._hyper(group))
-        for k, value in enumerate(hyper):
-            if _is_dtensor(value):
-                if not all(placement.is_replicate() for placement in value.placements):
-                    raise RuntimeError(
-                        f"pyfused.optim.{type(self).__name__}: param group {index} has a DTensor "
-                        f"hyperparameter with placements {tuple(value.placements)}; only a Replicate "
-                        "one holds its value on every rank"
-                    )
-                hyper[k] = value._local_tensor
+        lr must be Replicate: every rank then holds the whole value in its local tensor.
+        dtensor: torch's DTensor class, or None while there can be none."""
+        hyper = self._hyper(group)
+        if dtensor is not None and any(map(isinstance, hyper, itertools.repeat(dtensor))):
+            hyper = [self._replicated(value, index) if isinstance(value, dtensor) else value for value in hyper]
         lr = hyper[0]
         if group.get("capturable"):  # lr is read on the device, never on the host
             return (0.0,) + tuple(map(float, hyper[1:])), lr
         return tuple(map(float, hyper)), lr
+
+    def _replicated(self, value, index):
+        if not all(placement.is_replicate() for placement in value.placements):
+            raise RuntimeError(
+                f"pyfused.optim.{type(self).__name__}: param group {index} has a DTensor "
+                f"hyperparameter with placements {tuple(value.placements)}; only a Replicate "
+                "one holds its value on every rank"
+            )
+        return value._local_tensor
 
     def _new_step(self, param, group):
         """torch's step counter: on the param's device when capturable, else on the host."""
@@ -528,18 +607,6 @@ class FusedOptimizer:
             multiplier = multiplier.full_tensor()
         previous = self.__dict__.get("_pyfused_grad_multiplier")
         self._pyfused_grad_multiplier = multiplier if previous is None else previous * multiplier
-
-    def _prepare(self, group, index):
-        params = group["params"]
-        grads = list(map(_grad_of, params))
-        plans = self.__dict__.setdefault("_pyfused_plans", {})
-        plan = plans.get(index)
-        if plan is None or plan.group is not group or not plan.still_valid(self, group, params, grads):
-            plans.pop(index, None)
-            plan = _GroupPlan(self, group, index, params, grads)
-            plans[index] = plan
-        copies = [bucket.load_grads(grads) for bucket in plan.buckets]
-        return group, plan, copies
 
     def _torch_step(self, factor, found_inf):
         """torch's own for-loop implementation: the reference (PYFUSED_BACKEND=torch)."""
@@ -591,17 +658,17 @@ class FusedOptimizer:
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hyper, factor, lr, found_inf):
-    if bucket.n == 0:
-        return
+def _run(kernel, bucket, hypers, factor, lr, found_inf):
+    """One kernel call for the bucket; hypers: every param group's scalars; lr: the bucket's own
+    group's lr when it is capturable (a capturable bucket holds one group)."""
     if _backend.backend_for(bucket.device) == "cpp":
         if found_inf is not None and float(found_inf) != 0:  # a host tensor: no sync
             return
-        _cpp.optimizer_step(kernel, bucket, hyper, factor)
+        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
         if bucket.capturable:
-            _triton.capturable_step(kernel, bucket, hyper, factor, lr, found_inf)
+            _triton.capturable_step(kernel, bucket, bucket.hypers(hypers), factor, lr, found_inf)
         else:
-            _triton.optimizer_step(kernel, bucket, hyper, factor)
+            _triton.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor)

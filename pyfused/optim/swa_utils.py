@@ -34,7 +34,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _addresses_overlap, _is_dense, _unaddressable
+from pyfused.optim._fused import _is_dense, _overlapping_pair, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -142,7 +142,7 @@ class _Group:
 def _overlap(written, read) -> bool:
     """Whether an average shares memory with another average or with any model tensor (the
     model's own tensors may share memory with each other: they are only read)."""
-    if _addresses_overlap(written):
+    if _overlapping_pair(written) is not None:
         return True
     union = []
     for lo, hi in sorted(r for r in read if r[0] != r[1]):
@@ -150,7 +150,7 @@ def _overlap(written, read) -> bool:
             union[-1] = (union[-1][0], max(union[-1][1], hi))
         else:
             union.append((lo, hi))
-    return _addresses_overlap(written + union)
+    return _overlapping_pair(written + union) is not None
 
 
 def _fusable(a, m) -> bool:
