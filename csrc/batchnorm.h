@@ -610,7 +610,8 @@ void forward_typed(const BnShape& s, const T* x, T* y, BnFinalize f, FinalizeCha
   std::vector<double> mean(training ? C : 0), m2(training ? C : 0);
   f.means = mean.data();
   f.m2s = m2.data();
-  if (!by_channel(s, p, sizeof(T))) {
+  // In eval, with no statistics to read first, one pass in memory order.
+  if (!training || !by_channel(s, p, sizeof(T))) {
     if (training) stats<T>(s, x, mean.data(), m2.data());
     finalize(f, 0, C);
     return normalize_typed<T, kRelu>(s, x, y, f.scale, f.shift);
