@@ -9,7 +9,8 @@
 // Reductions cut channel c's elements into fixed partitions (a, b): a block of rows (planes in
 // the planar walk) times a block of columns of a row (planar) or one column (rows walk). A
 // partition's elements fit in cache, so its statistics take two passes over it (sum, then the
-// sum of squared deviations from the partition's own mean) for one read from memory. Partitions
+// sum of squared deviations from the partition's own mean) for one read from memory. The rows
+// walk reduces a tile of adjacent columns at once, one register lane per column. Partitions
 // are merged per channel in (a, b) order with the parallel-axis formula
 //   mean = sum(S_p) / n,  M2 = sum(M2_p + n_p * (S_p / n_p - mean)^2)
 // whose terms are all non-negative. Everything accumulates in double: an fp32 element's square
@@ -47,7 +48,7 @@ namespace batchnorm {
 
 constexpr int kLanes = 16;
 constexpr int64_t kPart = 4096;        // elements per statistics partition (16 KiB of fp32)
-constexpr int64_t kMinRows = 16;       // rows walk: at least this many rows per partition
+constexpr int64_t kMinRows = 32;       // rows walk: at least this many rows per partition
 constexpr int64_t kPlanarMin = 32;     // inner extent from which the planar walk is used
 constexpr int64_t kChunk = 1 << 14;    // elements per unit of elementwise work
 
@@ -163,6 +164,48 @@ inline void fold(Lanes (&acc)[kSums], const std::array<const T*, kIn>& in, int64
     for (int r = 0; r < kRegisters; ++r) acc[k].r[r] = a[k][r];
 }
 
+// Rows walk: a tile of up to kTile columns down a block of rows, each column's sum in its own
+// lane of a register (register r holds columns r * kWidth + l), added row after row: the same
+// order as one column at a time, whatever the tile's width. f(r, v...) maps the tile's register r
+// of each input (as OpVecs) to one Vec of terms per sum. A narrower last tile is zero-padded; its
+// padding lanes are never read.
+constexpr int kTileRegisters = 8;
+constexpr int64_t kTile = kTileRegisters * kWidth;
+typedef Vec Tile[kTileRegisters];
+
+template <int kSums, class T, size_t kIn, class F>
+inline void fold_tile(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t rows, int64_t stride,
+                      int64_t n, F&& f) {
+  Vec a[kSums][kTileRegisters];  // a copy that stays in registers: acc's address is taken
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kTileRegisters; ++r) a[k][r] = acc[k][r];
+  auto add = [&](int r, const std::array<OpVec<T>, kIn>& v) {
+    const std::array<Vec, kSums> t = std::apply([&](auto... u) { return f(r, u...); }, v);
+    for (int k = 0; k < kSums; ++k) a[k][r] += t[k];
+  };
+  if (n == kTile) {
+    for (int64_t row = 0; row < rows; ++row) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kTileRegisters; ++r) {
+        std::array<OpVec<T>, kIn> v;
+        for (size_t i = 0; i < kIn; ++i) v[i] = load_vec(in[i] + row * stride + r * kWidth);
+        add(r, v);
+      }
+    }
+  } else {
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int r = 0; r * kWidth < n; ++r) {
+        std::array<OpVec<T>, kIn> v = {};
+        for (size_t i = 0; i < kIn; ++i)
+          for (int l = 0; l < kWidth && r * kWidth + l < n; ++l) v[i][l] = load(in[i] + row * stride + r * kWidth + l);
+        add(r, v);
+      }
+    }
+  }
+  for (int k = 0; k < kSums; ++k)
+    for (int r = 0; r < kTileRegisters; ++r) acc[k][r] = a[k][r];
+}
+
 // Planar walk: partition `item`'s S = sum x and M2 = sum (x - S / n)^2, into s1, s2.
 template <class T>
 void stats_partition(const BnShape& s, const Plan& p, const T* x, int64_t item, double* s1, double* s2) {
@@ -195,58 +238,55 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
   if (p.planar) {
     parallel_items(s, p.size(s), [&](int64_t item) { stats_partition(s, p, x, item, s1, s2); });
   } else {
+    // A tile of columns at a time, its sums in registers; its rows are still in cache for the
+    // second pass.
     parallel_items(s, p.n_a, [&](int64_t a) {
       const int64_t rows = p.rows(s, a);
       const T* base = x + a * p.rows_per_a * W;
-      double* sum = s1 + a * W;
-      double* m2 = s2 + a * W;
-      std::fill(sum, sum + W, 0.0);
-      std::fill(m2, m2 + W, 0.0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* row = base + r * W;
-#pragma GCC ivdep
-        for (int64_t w = 0; w < W; ++w) sum[w] += double(load(row + w));
-      }
-      // Each column's mean, divided once rather than per element.
-      std::vector<double> mean(W);
-      for (int64_t w = 0; w < W; ++w) mean[w] = sum[w] / double(rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* row = base + r * W;
-#pragma GCC ivdep
-        for (int64_t w = 0; w < W; ++w) {
-          double d = double(load(row + w)) - mean[w];
-          m2[w] += d * d;
-        }
+      for (int64_t w = 0; w < W; w += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, W - w);
+        Tile sum[1] = {}, m2[1] = {}, mean;
+        fold_tile(sum, std::array<const T*, 1>{base + w}, rows, W, n,
+                  [](int, OpVec<T> v) { return std::array<Vec, 1>{widen(v)}; });
+        for (int r = 0; r < kTileRegisters; ++r) mean[r] = sum[0][r] / double(rows);
+        fold_tile(m2, std::array<const T*, 1>{base + w}, rows, W, n, [&](int r, OpVec<T> v) {
+          const Vec d = widen(v) - mean[r];
+          return std::array<Vec, 1>{d * d};
+        });
+        std::memcpy(s1 + a * W + w, sum[0], n * sizeof(double));  // a Tile's lanes are its columns in order
+        std::memcpy(s2 + a * W + w, m2[0], n * sizeof(double));
       }
     });
   }
 }
 
-// Channel c's mean and M2 from its partitions, merged in plan order.
-inline void merge_channel_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2, int64_t c,
-                                double* mean, double* m2) {
-  const int64_t C = s.channels;
-  const double n = double(s.outer) * double(s.inner);
-    double total = 0;
-    for (int64_t a = 0; a < p.n_a; ++a)
-      for (int64_t b = 0; b < p.n_b; ++b) total += s1[(a * C + c) * p.n_b + b];
-    const double mu = total / n;
-    double dev = 0;
-    for (int64_t a = 0; a < p.n_a; ++a) {
-      for (int64_t b = 0; b < p.n_b; ++b) {
-        const int64_t k = (a * C + c) * p.n_b + b;
-        const double count = double(p.rows(s, a) * p.cols(s, b));
-        const double d = s1[k] / count - mu;
-        dev += s2[k] + count * d * d;
-      }
-    }
-    mean[c] = mu;
-    m2[c] = dev;
+// Channel c's total of a per-partition value, for c in [c0, c1), in plan order; the channels'
+// loop, innermost, vectorizes.
+inline void channel_totals(const BnShape& s, const Plan& p, const double* parts, int64_t c0, int64_t c1,
+                           double* out) {
+  std::fill(out + c0, out + c1, 0.0);
+  for (int64_t a = 0; a < p.n_a; ++a)
+    for (int64_t b = 0; b < p.n_b; ++b)
+      for (int64_t c = c0; c < c1; ++c) out[c] += parts[(a * s.channels + c) * p.n_b + b];
 }
 
-inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2,
-                        double* mean, double* m2) {
-  for (int64_t c = 0; c < s.channels; ++c) merge_channel_stats(s, p, s1, s2, c, mean, m2);
+// Channel c's mean and M2 from its partitions, for c in [c0, c1), merged in plan order.
+inline void merge_stats(const BnShape& s, const Plan& p, const double* s1, const double* s2, int64_t c0,
+                        int64_t c1, double* mean, double* m2) {
+  const double n = double(s.outer) * double(s.inner);
+  channel_totals(s, p, s1, c0, c1, mean);
+  for (int64_t c = c0; c < c1; ++c) mean[c] /= n;
+  std::fill(m2 + c0, m2 + c1, 0.0);
+  for (int64_t a = 0; a < p.n_a; ++a) {
+    for (int64_t b = 0; b < p.n_b; ++b) {
+      const double count = double(p.rows(s, a) * p.cols(s, b));
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k = (a * s.channels + c) * p.n_b + b;
+        const double d = s1[k] / count - mean[c];
+        m2[c] += s2[k] + count * d * d;
+      }
+    }
+  }
 }
 
 template <class T>
@@ -254,14 +294,15 @@ void stats(const BnShape& s, const void* x, double* mean, double* m2) {
   const Plan p = plan(s);
   std::vector<double> s1(p.size(s)), s2(p.size(s));
   partition_stats(s, p, static_cast<const T*>(x), s1.data(), s2.data());
-  merge_stats(s, p, s1.data(), s2.data(), mean, m2);
+  merge_stats(s, p, s1.data(), s2.data(), 0, s.channels, mean, m2);
 }
 
-// Per-channel coefficients, rounded to opmath once, expanded to one per column in the rows walk.
+// Per-channel coefficients, rounded to opmath once, expanded to one per column in the rows walk;
+// zero-padded to whole tiles, which the rows walk's reductions load.
 template <class Op>
 std::vector<Op> per_column(const BnShape& s, bool planar, const double* values) {
   const int64_t n = planar ? s.channels : s.channels * s.inner;
-  std::vector<Op> out(n);
+  std::vector<Op> out((n + kTile - 1) / kTile * kTile);
   for (int64_t k = 0; k < n; ++k) out[k] = Op(values[planar ? k : k / s.inner]);
   return out;
 }
@@ -351,14 +392,6 @@ void grad_partition(const BnShape& s, const Plan& p, const T* dy, const T* x, in
   s2[item] = sum_lanes(sums[1]);
 }
 
-// Channel c's total of a per-partition value, in plan order.
-inline double channel_total(const BnShape& s, const Plan& p, const double* parts, int64_t c) {
-  double total = 0;
-  for (int64_t pa = 0; pa < p.n_a; ++pa)
-    for (int64_t pb = 0; pb < p.n_b; ++pb) total += parts[(pa * s.channels + c) * p.n_b + pb];
-  return total;
-}
-
 // Per-channel sum dy and sum dy * (x - mean), over the same partitions as the statistics.
 template <class T, bool kRelu>
 void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* mean, const double* scale,
@@ -376,27 +409,29 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
     });
   } else {
     parallel_items(s, p.n_a, [&](int64_t pa) {
-      double* t1 = s1.data() + pa * W;
-      double* t2 = s2.data() + pa * W;
-      std::fill(t1, t1 + W, 0.0);
-      std::fill(t2, t2 + W, 0.0);
-      for (int64_t r = 0; r < p.rows(s, pa); ++r) {
-        const T* g = dy + (pa * p.rows_per_a + r) * W;
-        const T* v = x + (pa * p.rows_per_a + r) * W;
-#pragma GCC ivdep
-        for (int64_t w = 0; w < W; ++w) {
-          const Op xv = load(v + w);
-          const double gv = double(masked<Op, kRelu>(load(g + w), xv, a[w], b[w]));
-          t1[w] += gv;
-          t2[w] += gv * (double(xv) - mu[w]);
+      const int64_t start = pa * p.rows_per_a * W;
+      for (int64_t w = 0; w < W; w += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, W - w);
+        OpVec<T> sa[kTileRegisters], sb[kTileRegisters];
+        Tile m;
+        for (int r = 0; r < kTileRegisters; ++r) {
+          std::memcpy(&sa[r], a.data() + w + r * kWidth, sizeof sa[r]);
+          std::memcpy(&sb[r], b.data() + w + r * kWidth, sizeof sb[r]);
+          std::memcpy(&m[r], mu.data() + w + r * kWidth, sizeof m[r]);
         }
+        Tile sums[2] = {};
+        fold_tile(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
+                  [&](int r, OpVec<T> gv, OpVec<T> xv) {
+                    const Vec d = widen(masked<OpVec<T>, kRelu>(gv, xv, sa[r], sb[r]));
+                    return std::array<Vec, 2>{d, d * (widen(xv) - m[r])};
+                  });
+        std::memcpy(s1.data() + pa * W + w, sums[0], n * sizeof(double));
+        std::memcpy(s2.data() + pa * W + w, sums[1], n * sizeof(double));
       }
     });
   }
-  for (int64_t c = 0; c < C; ++c) {
-    sum_dy[c] = channel_total(s, p, s1.data(), c);
-    sum_dy_xmu[c] = channel_total(s, p, s2.data(), c);
-  }
+  channel_totals(s, p, s1.data(), 0, C, sum_dy);
+  channel_totals(s, p, s2.data(), 0, C, sum_dy_xmu);
 }
 
 template <class T>
@@ -575,7 +610,8 @@ void forward_typed(const BnShape& s, const T* x, T* y, BnFinalize f, FinalizeCha
   std::vector<double> mean(training ? C : 0), m2(training ? C : 0);
   f.means = mean.data();
   f.m2s = m2.data();
-  if (!by_channel(s, p, sizeof(T))) {
+  // In eval, with no statistics to read first, one pass in memory order.
+  if (!training || !by_channel(s, p, sizeof(T))) {
     if (training) stats<T>(s, x, mean.data(), m2.data());
     finalize(f, 0, C);
     return normalize_typed<T, kRelu>(s, x, y, f.scale, f.shift);
@@ -585,7 +621,7 @@ void forward_typed(const BnShape& s, const T* x, T* y, BnFinalize f, FinalizeCha
     if (training) {
       for (int64_t a = 0; a < p.n_a; ++a)
         for (int64_t b = 0; b < p.n_b; ++b) stats_partition(s, p, x, (a * C + c) * p.n_b + b, s1.data(), s2.data());
-      merge_channel_stats(s, p, s1.data(), s2.data(), c, mean.data(), m2.data());
+      merge_stats(s, p, s1.data(), s2.data(), c, c + 1, mean.data(), m2.data());
     }
     finalize(f, c, c + 1);
     const Op sa = Op(f.scale[c]), sb = Op(f.shift[c]);
@@ -631,8 +667,8 @@ void backward_typed(const BnShape& s, const T* dy, const T* x, T* dx, BnBackward
                                    s1.data(), s2.data());
         }
       }
-      sums[c] = channel_total(s, p, s1.data(), c);
-      sums[C + c] = channel_total(s, p, s2.data(), c);
+      channel_totals(s, p, s1.data(), c, c + 1, sums.data());
+      channel_totals(s, p, s2.data(), c, c + 1, sums.data() + C);
     }
     finish(f, c, c + 1);
     if (!dx) return;

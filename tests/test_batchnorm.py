@@ -115,15 +115,21 @@ def test_state_dict_round_trip_and_repr():
     assert isinstance(ours, torch.nn.BatchNorm2d)
 
 
-def test_statistics_do_not_depend_on_thread_count():
-    x = batch((7, 9, 65, 67), torch.float32, False, 3)
+@pytest.mark.parametrize("shape,cl", [((7, 9, 65, 67), False), ((7, 9, 65, 67), True), ((300, 70), False)],
+                         ids=["planar", "rows-channels-last", "rows-1d"])
+def test_statistics_and_grads_do_not_depend_on_thread_count(shape, cl):
+    # The planar walk, and the rows walk with a narrower last tile of columns (70 = 64 + 6).
+    x = batch(shape, torch.float32, cl, 3).requires_grad_()
+    dy = batch(shape, torch.float32, cl, 4)
     outs = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            m = pnn.BatchNorm2d(9)
-            outs.append((m(x), m.running_mean.clone(), m.running_var.clone()))
+            m = pnn.BatchNorm2d(shape[1]) if len(shape) == 4 else pnn.BatchNorm1d(shape[1])
+            y = m(x)
+            grads = torch.autograd.grad(y, [x, m.weight, m.bias], dy)
+            outs.append((y, m.running_mean.clone(), m.running_var.clone(), *grads))
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:

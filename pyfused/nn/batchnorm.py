@@ -176,8 +176,7 @@ class _BatchNorm(torch.autograd.Function):
     (csrc/batchnorm.h's forward and backward); otherwise the steps one by one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu, group):
-        kernels = _kernels(x.device)
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu, group, kernels):
         param = weight if weight is not None else next(
             (t for t in (bias, running_mean, running_var) if t is not None), None)
         param_code = _cpp.DTYPE_CODES[param.dtype if param is not None else torch.float32]
@@ -195,22 +194,21 @@ class _BatchNorm(torch.autograd.Function):
             if written is not kept:
                 kept.copy_(written)
         ctx.save_for_backward(xd, w, b, saved)
-        ctx.config = (param_code, shape, count, training, relu, group)
+        ctx.config = (param_code, shape, count, training, relu, group, kernels)
         return y
 
     @staticmethod
     @once_differentiable  # the kernels are not differentiable: a double backward is refused clearly
     def backward(ctx, dy):
         xd, w, b, saved = ctx.saved_tensors
-        param_code, shape, count, training, relu, group = ctx.config
-        kernels = _kernels(xd.device)
+        param_code, shape, count, training, relu, group, kernels = ctx.config
         dy = _same_layout(dy, xd)
         if kernels is _cpp and group is None:
             grads = _cpp.bn_backward(dy, xd, shape, saved, param_code, w, b, *ctx.needs_input_grad[:3], training, relu)
         else:
             grads = _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, ctx.needs_input_grad[:3],
                                     training, relu, group)
-        return grads + (None,) * 7
+        return grads + (None,) * 8
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
@@ -221,21 +219,25 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, relu=False):
     """torch.nn.functional.batch_norm, fused; relu=True applies a ReLU inside the same passes."""
-    if not _fusable(input, running_mean, running_var, weight, bias):
+    kernels = _fusable(input, running_mean, running_var, weight, bias)
+    if kernels is None:
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     _check(input, running_mean, running_var, weight, bias, training, eps)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, None)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, None, kernels)
 
 
 def _fusable(input, *others):
-    return (input.dim() >= 2 and input.dtype in _cpp.DTYPE_CODES and _addressable(input, *others)
-            and _kernels(input.device) is not None)
+    """The backend module for these tensors, or None for torch's implementation. Looked up once
+    per call: the forward and the backward use it as it is."""
+    if input.dim() >= 2 and input.dtype in _cpp.DTYPE_CODES and _addressable(input, *others):
+        return _kernels(input.device)
+    return None
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, group):
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, group, kernels):
     """After _check: the fused function."""
     return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                            float(eps), relu, group)
+                            float(eps), relu, group, kernels)
 
 
 class _Fused:
@@ -252,24 +254,24 @@ class _Fused:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        fused = _fusable(input, running_mean, running_var, self.weight, self.bias)
-        if fused:
+        kernels = _fusable(input, running_mean, running_var, self.weight, self.bias)
+        if kernels is not None:
             _check(input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps, synced)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        return running_mean, running_var, bn_training, factor, fused
+        return running_mean, running_var, bn_training, factor, kernels
 
     def forward(self, input):
         self._check_input_dim(input)
-        running_mean, running_var, bn_training, factor, fused = self._buffers_and_factor(input)
-        if not fused:
+        running_mean, running_var, bn_training, factor, kernels = self._buffers_and_factor(input)
+        if kernels is None:
             return _torch_batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                                      factor, self.eps, self._relu)
         return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                           self.eps, self._relu, None)
+                           self.eps, self._relu, None, kernels)
 
 
 class BatchNorm1d(_Fused, nn.BatchNorm1d):
@@ -309,7 +311,7 @@ class SyncBatchNorm(_Fused, nn.SyncBatchNorm):
     def forward(self, input):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        if not _fusable(input, self.running_mean, self.running_var, self.weight, self.bias):
+        if _fusable(input, self.running_mean, self.running_var, self.weight, self.bias) is None:
             y = nn.SyncBatchNorm.forward(self, input)  # torch's, with its device rules
             return torch.relu(y) if self._relu else y
         group = None
@@ -317,9 +319,9 @@ class SyncBatchNorm(_Fused, nn.SyncBatchNorm):
             group = self.process_group or torch.distributed.group.WORLD
             if torch.distributed.get_world_size(group) == 1:
                 group = None
-        running_mean, running_var, bn_training, factor, _ = self._buffers_and_factor(input, group is not None)
+        running_mean, running_var, bn_training, factor, kernels = self._buffers_and_factor(input, group is not None)
         return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                           self.eps, self._relu, group)
+                           self.eps, self._relu, group, kernels)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
