@@ -10,7 +10,7 @@ opmath once per program, so a weight that changes every call never recompiles th
 import triton
 import triton.language as tl
 
-from pyfused.kernels.multi_tensor import _address, _load, _store
+from pyfused.kernels.multi_tensor import _address, _chunk, _load, _store
 from pyfused.kernels.optimizers import _lerp
 
 
@@ -29,12 +29,7 @@ def lerp_kernel(
     STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    chunk = tables + 3 * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
-    t = tl.load(chunk)
-    start = tl.load(chunk + 1)
-    if ALIGNED:
-        start = tl.multiple_of(start, CHUNK)
-    end = tl.minimum(start + CHUNK, tl.load(tables + t))
+    t, start, end = _chunk(tables + 3 * n_tensors, first_chunk, tables, CHUNK, ALIGNED)
     avg_ptr = _address(tables + n_tensors, t, STORAGE, ALIGNED)
     model_ptr = _address(tables + 2 * n_tensors, t, STORAGE, ALIGNED)
     w = tl.load(weight).to(OP)

@@ -64,6 +64,18 @@ def _address(table, index, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _chunk(chunks, first_chunk, numels, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's chunk, from the (tensor, start) rows at `chunks`: its tensor and the element
+    range [start, end) it covers."""
+    row = chunks + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
+    t = tl.load(row)
+    start = tl.load(row + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, CHUNK)
+    return t, start, tl.minimum(start + CHUNK, tl.load(numels + t))
+
+
+@triton.jit
 def _update_block(
     param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
@@ -148,12 +160,7 @@ def optimizer_kernel(
     if SKIP:  # GradScaler found inf or NaN: nothing moves
         if tl.load(skip) != 0:
             return
-    chunk = tables + (3 + STATES) * n_tensors + 2 * (first_chunk + tl.program_id(0).to(tl.int64))
-    t = tl.load(chunk)
-    start = tl.load(chunk + 1)
-    if ALIGNED:
-        start = tl.multiple_of(start, CHUNK)
-    end = tl.minimum(start + CHUNK, tl.load(tables + t))
+    t, start, end = _chunk(tables + (3 + STATES) * n_tensors, first_chunk, tables, CHUNK, ALIGNED)
     param_ptr = _address(tables + n_tensors, t, STORAGE, ALIGNED)
     grad_ptr = _address(uploads, t, STORAGE, ALIGNED)
     # Absent states alias the param: never loaded or stored, since STATES guards them.
