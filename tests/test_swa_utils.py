@@ -56,6 +56,15 @@ def perturb(model, gen, scale=0.1):
                 t.add_(1)
 
 
+def update_together(model, averages, updates, seed):
+    """Perturbs the model `updates` times, each time updating every average from it."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(updates):
+        perturb(model, gen)
+        for average in averages:
+            average.update_parameters(model)
+
+
 def assert_same(theirs, ours):
     a, b = theirs.state_dict(), ours.state_dict()
     assert list(a) == list(b)
@@ -149,11 +158,7 @@ def test_averages_sharing_memory_take_torch_path():
     ours.module.b.data.copy_(theirs.module.b.data)
     theirs.n_averaged.fill_(1)
     ours.n_averaged.fill_(1)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        perturb(model, gen)
-        theirs.update_parameters(model)
-        ours.update_parameters(model)
+    update_together(model, (theirs, ours), 3, seed=0)
     assert ours._plan.overlap
     assert_same(theirs, ours)
 
@@ -192,11 +197,7 @@ def test_custom_functions_run_as_torch_runs_them():
         model = Net(torch.float32)
         theirs = T.AveragedModel(model, **kwargs)
         ours = P.AveragedModel(model, **kwargs)
-        gen = torch.Generator().manual_seed(3)
-        for _ in range(4):
-            perturb(model, gen)
-            theirs.update_parameters(model)
-            ours.update_parameters(model)
+        update_together(model, (theirs, ours), 4, seed=3)
         assert_same(theirs, ours)
         assert ours._plan is None
 
@@ -207,11 +208,7 @@ def test_our_functions_are_torch_functions_when_called():
     for fn in ("ema0.3", "swa"):
         theirs = T.AveragedModel(model, multi_avg_fn=FNS[fn][0]())
         hybrid = T.AveragedModel(model, multi_avg_fn=FNS[fn][1]())
-        gen = torch.Generator().manual_seed(4)
-        for _ in range(4):
-            perturb(model, gen)
-            theirs.update_parameters(model)
-            hybrid.update_parameters(model)
+        update_together(model, (theirs, hybrid), 4, seed=4)
         assert_same(theirs, hybrid)
 
 
@@ -267,11 +264,7 @@ def test_counts_and_devices_as_torch():
     ours = P.AveragedModel(model, device="cpu")
     for m in (theirs, ours):
         m.n_averaged.fill_(-2)  # a negative count: torch neither copies nor averages, but counts
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(5):
-        perturb(model, gen)
-        theirs.update_parameters(model)
-        ours.update_parameters(model)
+    update_together(model, (theirs, ours), 5, seed=5)
     assert_same(theirs, ours)
     assert int(ours.n_averaged) == 3
     with torch.device("meta"):  # no memory: torch's code, which does nothing to meta tensors
