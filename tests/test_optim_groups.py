@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+import pyfused
 from pyfused import _cpp
 from pyfused.check import optim_cases as oc
 from pyfused.check.optim_cases import DTYPES_BY_NAME, OPTIMIZERS
@@ -229,3 +230,21 @@ def test_what_changes_between_steps_is_picked_up(name, calls):
             opt.step()
         assert_states(opts[0], ours_params, opts[1], theirs_params, bitwise=False)
     assert len(calls) == 10  # one call per step throughout
+
+
+@pytest.mark.parametrize("how", ["resize_", "view as int32"])
+def test_a_grad_changed_in_place_after_a_step_is_checked_again(how):
+    """The same grad object, at the same address with the same strides, but resized or re-viewed
+    in place: the cached fast path must not take it, so the step refuses it and changes nothing."""
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    opt = pyfused.optim.Adam([p], lr=1e-3)
+    p.grad = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    if how == "resize_":
+        p.grad.resize_(32)
+    else:
+        p.grad.data = p.grad.data.view(torch.int32)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert torch.equal(p.detach(), before)

@@ -211,11 +211,17 @@ class _Bucket:
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
         Their types the plan has checked."""
         grads = self.select(grads)
-        # The grads the last step checked, if they are still the same tensors at the same
-        # addresses with the same strides (weak references: holding a grad would keep its memory
+        # The grads the last step checked, if they are still the same tensors with the same
+        # address, strides, shape and dtype (weak references: holding a grad would keep its memory
         # alive after zero_grad()), need no other check: their addresses are in the table already.
+        # A grad resized or re-viewed in place (`.data =`) keeps its identity, not its metadata.
         if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
-            if list(map(_stride_of, grads)) == self.strides and array.array("q", map(_data_ptr, grads)) == self.grad_addresses:
+            if (
+                list(map(_stride_of, grads)) == self.strides
+                and array.array("q", map(_data_ptr, grads)) == self.grad_addresses
+                and list(map(_shape_of, grads)) == self.shapes
+                and list(map(_dtype_of, grads)) == self.dtypes
+            ):
                 return []
         self.checked = None
         copies = self._check_grads(grads)
