@@ -1,6 +1,7 @@
-// Dropout without a stored mask: element i is kept iff tl.rand(seed, i / group) > p, where
-// tl.rand is Triton's: Philox-4x32-10 on the counter (lo, hi, 0, 0) of the 64-bit offset, keyed by
-// the 64-bit seed (lo, hi), whose first word becomes a float in [0, 1). The mask is a pure function
+// Dropout without a stored mask: element i is kept iff draw d = i / group is above p, where draw d
+// is word d % 4 of Triton's randint4x(seed, d / 4) as tl.rand4x makes it a float in [0, 1):
+// Philox-4x32-10 on the counter (lo, hi, 0, 0) of the 64-bit offset d / 4, keyed by the 64-bit
+// seed (lo, hi). One Philox call gives four draws, not tl.rand's one. The mask is a pure function
 // of (seed, index), so backward recomputes it, and every backend, thread count and chunking gives
 // the same one. group is 1 for dropout and a channel's size for Dropout1d/2d/3d.
 //
@@ -79,24 +80,28 @@ constexpr int kStreams = kPhiloxBytes == 64 ? 6 : 4;
 
 typedef uint32_t PhiloxWords __attribute__((vector_size(kPhiloxBytes)));
 
-// Every other 32-bit word of a then of b, from word kFirst (0: the lanes' low halves, 1: their
-// high halves), in one vector.
+// The 32-bit words of a and b, each taken from its lanes' low halves, alternating: a's lane 0, b's
+// lane 0, a's lane 1, ...
+template <size_t... I>
+inline PhiloxLanes low_words_paired(PhiloxLanes a, PhiloxLanes b, std::index_sequence<I...>) {
+  return (PhiloxLanes)__builtin_shufflevector((PhiloxWords)a, (PhiloxWords)b,
+                                              (I % 2 == 0 ? I : 2 * kPhiloxWidth + I - 1)...);
+}
+// The lanes of a and b alternating, from lane kFirst of each: a[kFirst], b[kFirst], a[kFirst + 1], ...
 template <int kFirst, size_t... I>
-inline PhiloxWords every_other_word(PhiloxLanes a, PhiloxLanes b, std::index_sequence<I...>) {
-  return __builtin_shufflevector((PhiloxWords)a, (PhiloxWords)b, (2 * I + kFirst)...);
-}
-template <int kFirst>
-inline PhiloxWords every_other_word(PhiloxLanes a, PhiloxLanes b) {
-  return every_other_word<kFirst>(a, b, std::make_index_sequence<2 * kPhiloxWidth>());
+inline PhiloxLanes lanes_alternating(PhiloxLanes a, PhiloxLanes b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (I % 2 == 0 ? kFirst + I / 2 : kPhiloxWidth + kFirst + I / 2)...);
 }
 
-constexpr int kPhiloxDraws = kStreams * kPhiloxWidth;  // draws per philox_first_words
+constexpr int kPhiloxCounters = kStreams * kPhiloxWidth;  // counters per philox_words
+constexpr int kPhiloxDraws = 4 * kPhiloxCounters;          // words per philox_words
 
-// words[j] = the first output word of Philox-4x32-10 on the counter (lo, hi, 0, 0) of first + j,
-// for j < kPhiloxDraws. kSameHigh: every counter's hi is first's, so round 0 gives every lane the
-// same c0 and round 1 one product for all (7% fewer vector operations).
+// words[4 j + k] = output word k of Philox-4x32-10 on the counter (lo, hi, 0, 0) of first + j, for
+// j < kPhiloxCounters: Triton's randint4x(seed, first + j). kSameHigh: every counter's hi is
+// first's, so round 0 gives every lane the same c0 and round 1 one product for all (fewer vector
+// operations).
 template <bool kSameHigh>
-inline void philox_first_words(const PhiloxKey& key, uint64_t first, uint32_t* words) {
+inline void philox_words(const PhiloxKey& key, uint64_t first, uint32_t* words) {
   constexpr uint64_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
   const PhiloxLanes round_a = PhiloxLanes{} + kRoundA, round_b = PhiloxLanes{} + kRoundB;
   PhiloxLanes lane;
@@ -129,7 +134,7 @@ inline void philox_first_words(const PhiloxKey& key, uint64_t first, uint32_t* w
       c3[s] = p1;
     }
   }
-  for (int r = 2; r < kPhiloxRounds - 1; ++r) {
+  for (int r = 2; r < kPhiloxRounds; ++r) {
     for (int s = 0; s < kStreams; ++s) {
       PhiloxLanes p0 = mul_low_halves(round_b, c2[s]);
       PhiloxLanes p1 = mul_low_halves(round_a, c0[s]);
@@ -139,15 +144,17 @@ inline void philox_first_words(const PhiloxKey& key, uint64_t first, uint32_t* w
       c3[s] = p1;
     }
   }
-  // The last round's c0 (its only output used), two vectors at a time: the products' high halves
-  // and c1's low halves gathered into one vector of words each, then xored, with no shifts.
-  static_assert(kStreams % 2 == 0, "the last round pairs the vectors");
-  const uint32_t k0 = uint32_t(key.k0[kPhiloxRounds - 1]);
-  for (int s = 0; s < kStreams; s += 2) {
-    const PhiloxWords w =
-        every_other_word<1>(mul_low_halves(round_b, c2[s]), mul_low_halves(round_b, c2[s + 1])) ^
-        every_other_word<0>(c1[s], c1[s + 1]) ^ k0;
-    std::memcpy(words + s * kPhiloxWidth, &w, sizeof w);
+  // Each counter's four words, in order: (c0, c1) and (c2, c3) paired per lane, then the pairs
+  // of each lane side by side.
+  constexpr auto kWords = std::make_index_sequence<2 * kPhiloxWidth>();
+  for (int s = 0; s < kStreams; ++s) {
+    const PhiloxLanes first_two = low_words_paired(c0[s], c1[s], kWords);
+    const PhiloxLanes last_two = low_words_paired(c2[s], c3[s], kWords);
+    const PhiloxLanes low = lanes_alternating<0>(first_two, last_two, std::make_index_sequence<kPhiloxWidth>());
+    const PhiloxLanes high =
+        lanes_alternating<kPhiloxWidth / 2>(first_two, last_two, std::make_index_sequence<kPhiloxWidth>());
+    std::memcpy(words + 4 * s * kPhiloxWidth, &low, sizeof low);
+    std::memcpy(words + 4 * s * kPhiloxWidth + 2 * kPhiloxWidth, &high, sizeof high);
   }
 }
 
@@ -155,9 +162,11 @@ inline void philox_first_words(const PhiloxKey& key, uint64_t first, uint32_t* w
 // x < 0 ? ~x : x, in [0, 2^31), times about 2^-31.
 inline float uniform_of_folded(uint32_t folded) { return float(int32_t(folded)) * 4.6566127342e-10f; }
 
-constexpr int kMaskBlock = 2 * 48;  // mask draws computed together: whole Philox calls for every build
+// Mask draws computed together, a multiple of 4 (draw d is word d % 4 of the counter d / 4) and
+// whole Philox calls for every build.
+constexpr int kMaskBlock = 192;
 static_assert(kMaskBlock % kPhiloxDraws == 0, "a mask block is whole Philox calls");
-constexpr int64_t kDropoutChunk = kMaskBlock * 170;  // elements per unit of work (~16 Ki)
+constexpr int64_t kDropoutChunk = kMaskBlock * 85;  // elements per unit of work (~16 Ki)
 
 template <class Op>
 struct Mask {
@@ -180,15 +189,16 @@ struct Mask {
     kept_span = uint32_t(0) - 2 * lo;  // 2^32 - 2 lowest_kept, 0 when nothing is kept
   }
 
-  // m[j] = scale if draw first + j is kept, else 0.
+  // m[j] = scale if draw first + j is kept, else 0; first is a multiple of 4.
   void multipliers(uint64_t first, Op* m) const {
     uint32_t words[kMaskBlock];
-    const bool same_high = (first + kMaskBlock - 1) >> 32 == first >> 32;  // false where lo wraps
+    const uint64_t counter = first / 4;
+    const bool same_high = (counter + kMaskBlock / 4 - 1) >> 32 == counter >> 32;  // false where lo wraps
     for (int v = 0; v < kMaskBlock; v += kPhiloxDraws) {
       if (same_high) {
-        philox_first_words<true>(key, first + v, words + v);
+        philox_words<true>(key, counter + v / 4, words + v);
       } else {
-        philox_first_words<false>(key, first + v, words + v);
+        philox_words<false>(key, counter + v / 4, words + v);
       }
     }
     // In locals: m could alias the members, which would keep this loop scalar and branchy.
@@ -271,11 +281,12 @@ void dropout_apply(const DropoutCall& call, const Math& math) {
           math.template span<true>(first, std::min<int64_t>(kMaskBlock, hi - first), m);
         }
       } else if constexpr (Math::kChannels) {
-        // One draw per channel, for the channels that overlap this chunk.
-        const int64_t last_channel = (hi - 1) / group;
-        for (int64_t first = lo / group; first <= last_channel; first += kMaskBlock) {
+        // One draw per channel, for the channels that overlap this chunk, from a multiple of 4.
+        const int64_t first_channel = lo / group, last_channel = (hi - 1) / group;
+        for (int64_t first = first_channel & ~int64_t(3); first <= last_channel; first += kMaskBlock) {
           mask.multipliers(uint64_t(first), m);
-          for (int64_t ch = first; ch <= std::min(last_channel, first + kMaskBlock - 1); ++ch) {
+          for (int64_t ch = std::max(first, first_channel); ch <= std::min(last_channel, first + kMaskBlock - 1);
+               ++ch) {
             const int64_t begin = std::max(lo, ch * group), end = std::min(hi, (ch + 1) * group);
             math.template span<false>(begin, end - begin, m + (ch - first));
           }

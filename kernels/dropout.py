@@ -1,8 +1,9 @@
 """Dropout for CUDA tensors, the mask recomputed from (seed, index) instead of stored.
 
-Element i is kept iff tl.rand(seed, i // group) > p, and is then multiplied by scale (1/(1-p)
+Element i is kept iff its draw d = i // group is above p, and is then multiplied by scale (1/(1-p)
 rounded as torch rounds it for the dtype); a dropped element is multiplied by 0, like torch's
-input * noise. csrc/dropout.h computes the same thing on the CPU, bit for bit. The seed (int64)
+input * noise. Draw d is word d % 4 of tl.rand4x(seed, d // 4): one Philox call per four draws.
+csrc/dropout.h computes the same thing on the CPU, bit for bit. The seed (int64)
 is read from the device, so drawing it from torch's CUDA generator needs no host sync; p (a
 float32 value) and scale come as float64 from `params`, since a float argument would be
 rounded to float32.
@@ -38,8 +39,16 @@ def dropout_kernel(
     seed = tl.load(seed_ptr)
     p = tl.load(params_ptr).to(tl.float32)
     scale = tl.load(params_ptr + 1).to(OP)
-    draw = index // group if GROUPED else index
-    multiplier = tl.where(tl.rand(seed, draw) > p, scale, tl.zeros_like(scale))
+    if GROUPED:  # a draw per channel, its word picked per element
+        draw = index // group
+        u0, u1, u2, u3 = tl.rand4x(seed, draw // 4)
+        word = draw % 4
+        uniform = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+    else:  # the block's draws from BLOCK // 4 counters, their words in order
+        counter = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        u0, u1, u2, u3 = tl.rand4x(seed, counter)
+        uniform = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+    multiplier = tl.where(uniform > p, scale, tl.zeros_like(scale))
     x = _load(x_ptr + index, inside, BF16, OP, True)
     if ADD_RESIDUAL:
         if BIAS:

@@ -1,8 +1,8 @@
 """pyfused's dropout (C++ backend and the Python layer) against torch and an independent Philox.
 
 The reference mask and the case table come from pyfused/check/dropout_cases.py (shared with
-pyfused-check): `philox_rand`, a plain numpy Philox-4x32-10 written from Triton's
-language/random.py (tests/triton/test_dropout.py checks it against the real tl.rand), never from
+pyfused-check): `philox_draws`, a plain numpy Philox-4x32-10 written from Triton's
+language/random.py (tests/triton/test_dropout.py checks it against the real tl.rand4x), never from
 the kernels under test. Every comparison is exact: dropout multiplies by one rounded scale, so
 there is no tolerance to state.
 """

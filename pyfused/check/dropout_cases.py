@@ -1,8 +1,8 @@
 """Shared tables for dropout: the test suite (tests/test_dropout.py, tests/triton/test_dropout.py),
 the checker (dropout.py) and the end-to-end bench (bench/e2e.py) import them from here.
 
-The reference mask comes from `philox_rand`, a plain numpy Philox-4x32-10 written from Triton's
-language/random.py (tests/triton/test_dropout.py checks it against the real tl.rand), never from
+The reference mask comes from `philox_draws`, a plain numpy Philox-4x32-10 written from Triton's
+language/random.py (tests/triton/test_dropout.py checks it against the real tl.rand4x), never from
 the kernels under test. Every comparison is exact: dropout multiplies by one rounded scale, so
 there is no tolerance to state. The dropped fraction is binomial: within SIGMAS standard
 deviations of n * p.
@@ -21,10 +21,10 @@ CROSS_BACKEND_PS = [0.1, 0.5, 1 - 1e-7]  # C++ against Triton, bit for bit
 FRACTION_PS, FRACTION_SEEDS, FRACTION_N, SIGMAS = [0.1, 0.5, 0.9], (1, 2, 3), 1 << 18, 5
 
 
-def philox_rand(seed, offsets):
-    """tl.rand(seed, offsets): Philox-4x32-10 on the counter (lo, hi, 0, 0) of each int64 offset,
-    keyed by the seed's (lo, hi) words; the first word, read as int32, folded to >= 0 and
-    multiplied by 4.6566127342e-10 in float32."""
+def philox_rand4x(seed, offsets):
+    """tl.rand4x(seed, offsets), as a (4, len(offsets)) array: Philox-4x32-10 on the counter
+    (lo, hi, 0, 0) of each int64 offset, keyed by the seed's (lo, hi) words; each output word,
+    read as int32, folded to >= 0 and multiplied by 4.6566127342e-10 in float32."""
     offsets = np.asarray(offsets, dtype=np.uint64)
     low = np.uint64(0xFFFFFFFF)
     c0, c1 = offsets & low, offsets >> np.uint64(32)
@@ -35,8 +35,14 @@ def philox_rand(seed, offsets):
         c0, c1 = (p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & low
         c2, c3 = (p1 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p1 & low
         k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    x = c0.astype(np.uint32).view(np.int32)
+    x = np.stack([c0, c1, c2, c3]).astype(np.uint32).view(np.int32)
     return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def philox_draws(seed, draws):
+    """pyfused's draw d for each int64 d: word d % 4 of tl.rand4x(seed, d // 4)."""
+    draws = np.asarray(draws, dtype=np.int64)
+    return philox_rand4x(seed, draws // 4)[draws % 4, np.arange(draws.size)]
 
 
 def generator(seed=1234, device="cpu"):
@@ -64,7 +70,7 @@ def expected(x, p, seed, group=1):
 def reference_draws(seed, n, group=1):
     """The reference's draws for n elements in groups of `group` (read-only: cached, since a case
     table reuses one seed for many p and dtypes)."""
-    draws = philox_rand(seed, np.arange(n) // group)
+    draws = philox_draws(seed, np.arange(n) // group)
     draws.flags.writeable = False
     return draws
 

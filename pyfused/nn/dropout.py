@@ -1,7 +1,8 @@
 """Dropout whose mask is never stored: drop-ins for torch's dropout functions and modules.
 
 Element i of the input (its position in row-major order, whatever the memory layout) is kept
-iff tl.rand(seed, i) > p, Triton's Philox-4x32-10 counter-based generator, and is then
+iff its draw is above p: word i % 4 of tl.rand4x(seed, i // 4), Triton's Philox-4x32-10
+counter-based generator (one Philox call per four elements), and is then
 multiplied by 1/(1-p), rounded exactly as torch's CPU dropout rounds it for the dtype; a
 dropped element is multiplied by 0, as in torch's `input * noise`. Dropout1d/2d/3d draw once
 per channel instead, at the channel's index in N*C order. The seed is one 64-bit draw per call
@@ -43,7 +44,7 @@ def _scale(p, dtype):
 
 @functools.lru_cache(maxsize=256)
 def _as_float32(p):
-    """The draws are float32 and compared with p in float32, as `tl.rand(...) > p` compiles."""
+    """The draws are float32 and compared with p in float32, as `tl.rand4x(...) > p` compiles."""
     return torch.tensor(p, dtype=torch.float32).item()
 
 

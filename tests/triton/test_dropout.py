@@ -1,4 +1,4 @@
-"""The Triton dropout kernel: tl.rand against the reference Philox (pyfused/check/dropout_cases.py,
+"""The Triton dropout kernel: tl.rand4x against the reference Philox (pyfused/check/dropout_cases.py,
 shared with tests/test_dropout.py and pyfused-check), and bit for bit against
 the C++ kernel for the same seed (every dtype, dropout, dropout_add, channel dropout).
 
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 import pyfused
-from pyfused.check.dropout_cases import CROSS_BACKEND_PS, DTYPES, SIZES, assert_same_bits, philox_rand
+from pyfused.check.dropout_cases import CROSS_BACKEND_PS, DTYPES, SIZES, assert_same_bits, philox_rand4x
 from pyfused.nn import dropout as D
 from triton_suite import DEVICE
 
@@ -24,19 +24,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in mul
 def _rand_kernel(seed_ptr, offsets_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     offsets = tl.load(offsets_ptr + i, mask=i < n, other=0)
-    tl.store(out_ptr + i, tl.rand(tl.load(seed_ptr), offsets), mask=i < n)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), offsets)
+    tl.store(out_ptr + i, u0, mask=i < n)
+    tl.store(out_ptr + n + i, u1, mask=i < n)
+    tl.store(out_ptr + 2 * n + i, u2, mask=i < n)
+    tl.store(out_ptr + 3 * n + i, u3, mask=i < n)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32 + 5, 7692698082559361259, 2**63 - 1])
-def test_reference_philox_is_tl_rand(seed):
+def test_reference_philox_is_tl_rand4x(seed):
     """Offsets past 2^31 and 2^32 (their high word is Philox's second counter) and seeds past
     2^32 (the second key word)."""
     offsets = np.concatenate([np.arange(300), 2**31 - 3 + np.arange(6), 2**32 - 3 + np.arange(6),
                               [3 * 2**32 + 12345, 2**62 + 1, 2**63 - 1]]).astype(np.int64)
-    out = torch.empty(len(offsets), dtype=torch.float32, device=DEVICE)
+    out = torch.empty(4, len(offsets), dtype=torch.float32, device=DEVICE)
     _rand_kernel[(1,)](torch.tensor([seed], device=DEVICE), torch.from_numpy(offsets).to(DEVICE), out,
                        len(offsets), BLOCK=512)
-    assert np.array_equal(out.cpu().numpy().view(np.int32), philox_rand(seed, offsets).view(np.int32))
+    assert np.array_equal(out.cpu().numpy().view(np.int32), philox_rand4x(seed, offsets).view(np.int32))
 
 
 def both_backends(fn, *cpu_tensors):
