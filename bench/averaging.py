@@ -9,6 +9,11 @@ torch's figure includes its per-tensor Python work (detach, .to, grouping) and, 
 no foreach kernels, one lerp_ per tensor; pyfused's includes walking both models' parameters and
 checking the cached address table against them. The in-cache case (one thread, 3 x 128 KiB) is
 the kernel's speed past the per-call cost.
+
+On large, torch's time is near the copy probe already (its share of it is `share_of_bandwidth` in
+the torch rows of bench.jsonl; about 105% on the Zen 5 host), so the 3x target there needs
+pyfused at about three times the copy probe's rate, while it moves 12 B/element at about 1.4 times
+it (part of the 79 MB working set stays in the last-level cache between calls).
 """
 
 from __future__ import annotations

@@ -74,13 +74,11 @@ def _members(module, kind):
             seen.add(id(m))
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    out, memo = [], set()
-    for m in modules:
-        for v in getattr(m, kind).values():
-            if v is not None and id(v) not in memo:  # a tensor hashes by id
-                memo.add(id(v))
-                out.append(v)
-    return out
+    out = [v for m in modules for v in getattr(m, kind).values() if v is not None]
+    if len(set(map(id, out))) == len(out):  # the common case, no tensor shared: C-level loops only
+        return out
+    memo = set()  # keep each tensor's first place, as torch's memo does (a tensor hashes by id)
+    return [v for v in out if id(v) not in memo and not memo.add(id(v))]
 
 
 class _MultiAvgFn:
