@@ -50,10 +50,12 @@ def _kernels(device):
 def _addressable(*tensors):
     """Plain strided tensors with storage: anything else (DTensor and other wrapper subclasses,
     tensors without data) goes to torch's implementation, never to a kernel."""
-    return all(
-        t is None or (type(t) in _PLAIN and t.layout is torch.strided and (t.numel() == 0 or t.data_ptr() != 0))
-        for t in tensors
-    )
+    for t in tensors:  # a loop, not all(genexpr): this runs on every call of a small layer
+        if t is not None and (
+            type(t) not in _PLAIN or t.layout is not torch.strided or (t.data_ptr() == 0 and t.numel() != 0)
+        ):
+            return False
+    return True
 
 
 def _check(input, running_mean, running_var, weight, bias, training, eps, synced=False):
@@ -176,7 +178,10 @@ class _BatchNorm(torch.autograd.Function):
     (csrc/batchnorm.h's forward and backward); otherwise the steps one by one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu, group, kernels):
+    def forward(ctx, x, weight, bias, running_mean, running_var, options):
+        # options: (training, momentum, eps, relu, group, kernels) as one argument, since apply
+        # walks every argument on each call
+        training, momentum, eps, relu, group, kernels = options
         param = weight if weight is not None else next(
             (t for t in (bias, running_mean, running_var) if t is not None), None)
         param_code = _cpp.DTYPE_CODES[param.dtype if param is not None else torch.float32]
@@ -208,7 +213,7 @@ class _BatchNorm(torch.autograd.Function):
         else:
             grads = _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, ctx.needs_input_grad[:3],
                                     training, relu, group)
-        return grads + (None,) * 8
+        return grads + (None,) * 3
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
@@ -236,8 +241,8 @@ def _fusable(input, *others):
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, group, kernels):
     """After _check: the fused function."""
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                            float(eps), relu, group, kernels)
+    return _BatchNorm.apply(input, weight, bias, running_mean, running_var,
+                            (bool(training), float(momentum), float(eps), relu, group, kernels))
 
 
 class _Fused:
@@ -247,31 +252,37 @@ class _Fused:
     _relu = False
 
     def _buffers_and_factor(self, input, synced=False):
+        """(running_mean, running_var, weight, bias, bn_training, factor, kernels). The parameters
+        and buffers are read from their dicts once: each `self.weight` is a Module.__getattr__ call,
+        which a small layer's per-call cost notices."""
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if self.training:
             bn_training = True
         else:
-            bn_training = self.running_mean is None and self.running_var is None
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        kernels = _fusable(input, running_mean, running_var, self.weight, self.bias)
+            bn_training = running_mean is None and running_var is None
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        kernels = _fusable(input, running_mean, running_var, weight, bias)
         if kernels is not None:
-            _check(input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps, synced)
+            _check(input, running_mean, running_var, weight, bias, bn_training, self.eps, synced)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        tracked = buffers.get("num_batches_tracked")
+        if self.training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return running_mean, running_var, bn_training, factor, kernels
+                factor = 1.0 / float(tracked)
+        return running_mean, running_var, weight, bias, bn_training, factor, kernels
 
     def forward(self, input):
         self._check_input_dim(input)
-        running_mean, running_var, bn_training, factor, kernels = self._buffers_and_factor(input)
+        running_mean, running_var, weight, bias, bn_training, factor, kernels = self._buffers_and_factor(input)
         if kernels is None:
-            return _torch_batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                     factor, self.eps, self._relu)
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                           self.eps, self._relu, None, kernels)
+            return _torch_batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor,
+                                     self.eps, self._relu)
+        return _batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor, self.eps,
+                           self._relu, None, kernels)
 
 
 class BatchNorm1d(_Fused, nn.BatchNorm1d):
@@ -319,9 +330,10 @@ class SyncBatchNorm(_Fused, nn.SyncBatchNorm):
             group = self.process_group or torch.distributed.group.WORLD
             if torch.distributed.get_world_size(group) == 1:
                 group = None
-        running_mean, running_var, bn_training, factor, kernels = self._buffers_and_factor(input, group is not None)
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                           self.eps, self._relu, group, kernels)
+        running_mean, running_var, weight, bias, bn_training, factor, kernels = self._buffers_and_factor(
+            input, group is not None)
+        return _batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor, self.eps,
+                           self._relu, group, kernels)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
