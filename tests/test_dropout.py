@@ -257,6 +257,9 @@ def test_what_has_no_kernel_runs_torchs_dropout():
     (F.dropout1d, (3, 5, 7), 7), (F.dropout1d, (5, 7), 7), (F.dropout2d, (3, 5, 4, 6), 24),
     (F.dropout2d, (3, 5, 6), 6), (F.dropout3d, (2, 3, 4, 5, 6), 120), (F.dropout3d, (3, 4, 5, 6), 120),
     (F.dropout2d, (7, 9), 1),
+    # Several work chunks (csrc/dropout.h's kDropoutChunk, 16,320 elements), most starting inside a
+    # channel whose draw is not a counter's first word.
+    (F.dropout2d, (10, 70, 10, 10), 100), (F.dropout1d, (40, 50, 37), 37),
 ])
 def test_channel_dropout_drops_whole_channels(fn, shape, channel_size):
     x = torch.randn(shape)

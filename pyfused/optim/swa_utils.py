@@ -75,10 +75,9 @@ def _members(module, kind):
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     out = [v for m in modules for v in getattr(m, kind).values() if v is not None]
-    if len(set(map(id, out))) == len(out):  # the common case, no tensor shared: C-level loops only
-        return out
-    memo = set()  # keep each tensor's first place, as torch's memo does (a tensor hashes by id)
-    return [v for v in out if id(v) not in memo and not memo.add(id(v))]
+    # Each tensor once, at its first place, as torch's memo keeps it (a dict keeps a key's first
+    # position); dict(zip(map(...))) runs in C.
+    return list(dict(zip(map(id, out), out)).values())
 
 
 class _MultiAvgFn:
