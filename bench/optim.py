@@ -38,7 +38,8 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
 
 
 WORKLOADS = {  # name: (what, shapes, the implementations timed)
-    "large": ("150 x 65,536", [(65536,)] * 150, IMPLS),
+    # pyfused-stats: pyfused with track_stats=True, whose cost the pyfused column's ratio shows
+    "large": ("150 x 65,536", [(65536,)] * 150, IMPLS + ("pyfused-stats",)),
     "small": ("2,000 x 1,024", [(1024,)] * 2000, IMPLS),
     # per-layer lr and no weight decay on every other group: torch makes a call per group, pyfused one
     "groups": ("500 groups x 4 x 1,024", [(1024,)] * 2000, IMPLS),
@@ -62,8 +63,8 @@ def param_groups(params: list[torch.Tensor], size: int, lr: float) -> list[dict]
 
 
 def optimizer(impl: str, name: str, params: list[torch.Tensor], **kwargs):
-    if impl == "pyfused":
-        return getattr(pyfused.optim, name)(params, **kwargs)
+    if impl in ("pyfused", "pyfused-stats"):
+        return getattr(pyfused.optim, name)(params, **kwargs, track_stats=impl == "pyfused-stats")
     flag = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
     return getattr(torch.optim, name)(params, **kwargs, **flag[impl])
 

@@ -28,6 +28,8 @@ struct TensorTable {
   // the call's hyperparameters are each group's in turn.
   int64_t n_groups = 1;
   const int64_t* group_ends = nullptr;
+  // Optimizer calls with step statistics: [4][n_tensors] doubles written (csrc/multi_tensor.h).
+  double* stats = nullptr;
 };
 
 // Batch normalization (csrc/batchnorm.h): a tensor as (outer, channels, inner), element

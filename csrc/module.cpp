@@ -78,6 +78,9 @@ const Isa& isa() {
 template <class T>
 const T* address(uintptr_t value) { return reinterpret_cast<const T*>(value); }
 
+template <class T>
+T* mutable_address(uintptr_t value) { return reinterpret_cast<T*>(value); }
+
 Optimizer checked_optimizer(int optimizer, int dtype, int64_t n_tensors, int64_t n_groups,
                             uintptr_t group_ends) {
   if (optimizer < 0 || optimizer > int(Optimizer::kAdadelta)) throw py::value_error("unknown optimizer");
@@ -95,7 +98,7 @@ Optimizer checked_optimizer(int optimizer, int dtype, int64_t n_tensors, int64_t
 void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
                     uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
                     int64_t n_groups, uintptr_t group_ends, uintptr_t hypers, int threads,
-                    double grad_divisor, double grad_multiplier, bool store_grads) {
+                    double grad_divisor, double grad_multiplier, bool store_grads, uintptr_t stats) {
   Optimizer which = checked_optimizer(optimizer, dtype, n_tensors, n_groups, group_ends);
   TensorTable table{n_tensors,
                     address<int64_t>(numels),
@@ -108,7 +111,8 @@ void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numel
                     grad_multiplier,
                     store_grads,
                     n_groups,
-                    address<int64_t>(group_ends)};
+                    address<int64_t>(group_ends),
+                    mutable_address<double>(stats)};
   py::gil_scoped_release no_gil;
   try {
     isa().optimizer_step(which, DType(dtype), table, address<double>(hypers));
@@ -148,9 +152,6 @@ BnShape bn_shape(int64_t outer, int64_t channels, int64_t inner, int threads) {
   if (outer < 0 || channels < 0 || inner < 0) throw py::value_error("negative extent");
   return BnShape{outer, channels, inner, threads < 1 ? 1 : threads};
 }
-
-template <class T>
-T* mutable_address(uintptr_t value) { return reinterpret_cast<T*>(value); }
 
 void bn_stats(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t mean,
               uintptr_t m2, int threads) {
@@ -293,12 +294,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_tensors"), py::arg("numels"), py::arg("addresses"), py::arg("steps"),
         py::arg("steps_are_double"), py::arg("flags"), py::arg("n_groups"), py::arg("group_ends"),
         py::arg("hypers"), py::arg("threads"), py::arg("grad_divisor") = 1.0,
-        py::arg("grad_multiplier") = 1.0, py::arg("store_grads") = false,
+        py::arg("grad_multiplier") = 1.0, py::arg("store_grads") = false, py::arg("stats") = 0,
         "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
         "flags are addresses of int64 arrays (0 for an absent row). The tensors form n_groups\n"
         "param groups, group g ending at group_ends[g] (int64s), with hyper_size(optimizer)\n"
         "doubles each at hypers. Grads are divided by grad_divisor and multiplied by\n"
-        "grad_multiplier first, and stored back if store_grads.");
+        "grad_multiplier first, and stored back if store_grads. If stats is not 0, it is the\n"
+        "address of [4][n_tensors] doubles that receive each tensor's grad norm, update norm\n"
+        "(new minus old param), old param norm and update norm / param norm.");
   m.def("norm_powered_sum", &pyfused::norm_powered_sum, py::arg("dtype"), py::arg("n_tensors"),
         py::arg("numels"), py::arg("addresses"), py::arg("kind"), py::arg("p"), py::arg("threads"),
         "The p-th power of the global norm of n_tensors tensors (max |x| for kind 0, min |x| for\n"

@@ -16,10 +16,19 @@
 // One call may update several param groups: the table lists them one after another, each with its
 // own Hyper, so each with its own Update (its compile-time flags may differ: weight decay on or off,
 // Nesterov). Their state layouts, and so their roles, must be the same.
+//
+// Step statistics (table.stats set; a template flag, so a call without them runs the loop it
+// always ran): per tensor, the sums of squares of the grad the update saw, of the update (new
+// param as stored minus old) and of the old param, from the values the loop already holds. Each
+// piece of a tensor inside a chunk folds them into kStatsLanes lanes (element j into lane
+// j % kStatsLanes) and writes the lanes' sum, merged in order, to its own slot; a tensor's slots
+// are then added in chunk order. Like the global norm (csrc/norm.h), the result depends on neither
+// the thread count nor the instruction set's vector width.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -58,31 +67,74 @@ struct GradFactor {
   Op divisor = 1, multiplier = 1;
 };
 
+// One element: loads it, applies the grad factor and the update, stores what the update writes.
+// Returns what the step statistics need: the grad the update saw, the old param and the change
+// (the new param as stored, in opmath, minus the old one). Unused, they cost nothing.
+template <class Op>
+struct Seen {
+  Op grad, param, change;
+};
+
+template <class T, bool kUnscale, class Update, int R = Update::kRoles>
+inline Seen<OpMath<T>> update_element(const Update& update, T* const (&ptr)[R], int64_t j,
+                                      const typename Update::Scalars& scalars,
+                                      const GradFactor<OpMath<T>>& factor) {
+  using Op = OpMath<T>;
+  constexpr int kParam = 0, kGrad = 1;
+  Op v[R];
+  for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
+  if constexpr (kUnscale) {
+    v[kGrad] = v[kGrad] / factor.divisor;
+    store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
+  }
+  v[kGrad] = v[kGrad] * factor.multiplier;
+  const Op grad = v[kGrad], old = v[kParam];
+  update(v, scalars);
+  for (int r = 0; r < R; ++r) {
+    if (Update::kWrites & (1u << r)) store(ptr[r] + j, v[r]);
+  }
+  T stored;
+  store(&stored, v[kParam]);
+  return {grad, old, load(&stored) - old};
+}
+
+constexpr int kStatsLanes = 16;
+constexpr int kStats = 3;  // sums per tensor: grad^2, change^2, old param^2
+
 // `update` is taken by value: a local copy whose fields no store can alias, so GCC hoists them
-// and vectorizes the loop (by reference, several variants stayed scalar).
-template <class T, bool kUnscale, class Update>
+// and vectorizes the loop (by reference, several variants stayed scalar). With kStats, `sums`
+// receives this span's kStats sums (in double, its lanes merged in order).
+template <class T, bool kUnscale, bool kTrack, class Update>
 inline void update_span(const Update update, T* const* base, int64_t offset, int64_t length,
-                        const typename Update::Scalars& scalars, const GradFactor<OpMath<T>>& factor) {
+                        const typename Update::Scalars& scalars, const GradFactor<OpMath<T>>& factor,
+                        double* sums) {
   using Op = OpMath<T>;
   constexpr int R = Update::kRoles;
-  constexpr int kGrad = 1;
   T* ptr[R];
   for (int r = 0; r < R; ++r) ptr[r] = base[r] + offset;
   // One expression per element; the compiler emits the vector body and the scalar tail from it,
   // and both round identically: -ffp-contract=off leaves the updates' explicit fma (mul_add in
   // csrc/optimizers.h) the only fused operation.
+  if constexpr (!kTrack) {
 #pragma GCC ivdep
-  for (int64_t j = 0; j < length; ++j) {
-    Op v[R];
-    for (int r = 0; r < R; ++r) v[r] = load(ptr[r] + j);
-    if constexpr (kUnscale) {
-      v[kGrad] = v[kGrad] / factor.divisor;
-      store(ptr[kGrad] + j, v[kGrad]);  // unscaled, never clipped
+    for (int64_t j = 0; j < length; ++j) update_element<T, kUnscale>(update, ptr, j, scalars, factor);
+  } else {
+    Op lanes[kStats][kStatsLanes] = {};
+    auto fold = [&](int l, const Seen<Op>& s) {
+      lanes[0][l] = lanes[0][l] + s.grad * s.grad;
+      lanes[1][l] = lanes[1][l] + s.change * s.change;
+      lanes[2][l] = lanes[2][l] + s.param * s.param;
+    };
+    int64_t j = 0;
+    for (; j + kStatsLanes <= length; j += kStatsLanes) {
+#pragma GCC ivdep
+      for (int l = 0; l < kStatsLanes; ++l) fold(l, update_element<T, kUnscale>(update, ptr, j + l, scalars, factor));
     }
-    v[kGrad] = v[kGrad] * factor.multiplier;
-    update(v, scalars);
-    for (int r = 0; r < R; ++r) {
-      if (Update::kWrites & (1u << r)) store(ptr[r] + j, v[r]);
+    for (; j < length; ++j) fold(int(j % kStatsLanes), update_element<T, kUnscale>(update, ptr, j, scalars, factor));
+    for (int k = 0; k < kStats; ++k) {
+      double sum = 0;
+      for (int l = 0; l < kStatsLanes; ++l) sum += double(lanes[k][l]);
+      sums[k] = sum;
     }
   }
 }
@@ -182,15 +234,47 @@ void export_tensor_scalars(const TensorTable& table, const double* hypers, doubl
   });
 }
 
+// Where each tensor's pieces (its parts inside one chunk each) keep their statistics: tensor i's
+// piece in chunk c at slot first[i] + c - start[i] / kChunk; first[n] slots in all.
+inline std::vector<int64_t> stats_slots(const TensorTable& table, const Layout& layout) {
+  const int64_t n = table.n_tensors;
+  std::vector<int64_t> first(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pieces = table.numels[i] == 0 ? 0
+        : (layout.start[i] + table.numels[i] - 1) / kChunk - layout.start[i] / kChunk + 1;
+    first[i + 1] = first[i] + pieces;
+  }
+  return first;
+}
+
+// Each tensor's slots added in chunk order, then table.stats ([4][n] doubles): the norms of the
+// grad, the update and the old param, and the update's norm over the param's (0/0 for an empty
+// tensor is NaN, as in torch).
+inline void finish_stats(const TensorTable& table, const std::vector<int64_t>& first,
+                         const std::vector<double>& slots) {
+  const int64_t n = table.n_tensors;
+  for (int64_t i = 0; i < n; ++i) {
+    double sums[kStats] = {};
+    for (int64_t s = first[i]; s < first[i + 1]; ++s) {
+      for (int k = 0; k < kStats; ++k) sums[k] += slots[s * kStats + k];
+    }
+    const double update = std::sqrt(sums[1]), param = std::sqrt(sums[2]);
+    table.stats[i] = std::sqrt(sums[0]);
+    table.stats[n + i] = update;
+    table.stats[2 * n + i] = param;
+    table.stats[3 * n + i] = update / param;
+  }
+}
+
 // One call for every tensor of the table, whatever its param group: the groups share one index
 // space and one pool of chunks; each piece of a tensor runs its group's Update.
-template <class Family, class T>
-void multi_tensor_apply(const TensorTable& table, const double* hypers) {
+template <class Family, class T, bool kTrack>
+void apply_groups(const TensorTable& table, const double* hypers) {
   using Op = OpMath<T>;
   const int64_t n = table.n_tensors;
   if (n == 0) return;
   const GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier)};
-  using Span = std::function<void(int64_t tensor, int64_t begin, int64_t end)>;
+  using Span = std::function<void(int64_t tensor, int64_t begin, int64_t end, double* sums)>;
   int roles = -1;  // checked before any step counter moves
   for_each_group<Family, T>(table, hypers, [&](int64_t, int64_t, const auto& update) {
     constexpr int R = std::decay_t<decltype(update)>::kRoles;
@@ -204,20 +288,40 @@ void multi_tensor_apply(const TensorTable& table, const double* hypers) {
     constexpr int R = Update::kRoles;
     std::vector<typename Update::Scalars> scalars(hi - lo);
     prepare_tensors(update, table, lo, hi, scalars.data());
-    spans[g++] = [&table, &factor, update, lo, n, scalars = std::move(scalars)](int64_t i, int64_t begin, int64_t end) {
+    spans[g++] = [&table, &factor, update, lo, n, scalars = std::move(scalars)](
+                     int64_t i, int64_t begin, int64_t end, double* sums) {
       T* base[R];
       for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
       if (table.store_grads) {
-        update_span<T, true>(update, base, begin, end - begin, scalars[i - lo], factor);
+        update_span<T, true, kTrack>(update, base, begin, end - begin, scalars[i - lo], factor, sums);
       } else {
-        update_span<T, false>(update, base, begin, end - begin, scalars[i - lo], factor);
+        update_span<T, false, kTrack>(update, base, begin, end - begin, scalars[i - lo], factor, sums);
       }
     };
   });
   const int64_t* ends = table.group_ends;
-  for_each_chunk(table, lay_out(table), [&](int64_t, int64_t i, int64_t begin, int64_t end) {
-    spans[std::upper_bound(ends, ends + table.n_groups, i) - ends](i, begin, end);
+  const Layout layout = lay_out(table);
+  std::vector<int64_t> first;
+  std::vector<double> slots;
+  if constexpr (kTrack) {
+    first = stats_slots(table, layout);
+    slots.resize(first[n] * kStats);
+  }
+  for_each_chunk(table, layout, [&](int64_t c, int64_t i, int64_t begin, int64_t end) {
+    double* sums = nullptr;
+    if constexpr (kTrack) sums = &slots[(first[i] + c - layout.start[i] / kChunk) * kStats];
+    spans[std::upper_bound(ends, ends + table.n_groups, i) - ends](i, begin, end, sums);
   });
+  if constexpr (kTrack) finish_stats(table, first, slots);
+}
+
+template <class Family, class T>
+void multi_tensor_apply(const TensorTable& table, const double* hypers) {
+  if (table.stats != nullptr) {
+    apply_groups<Family, T, true>(table, hypers);
+  } else {
+    apply_groups<Family, T, false>(table, hypers);
+  }
 }
 
 }  // namespace PYFUSED_ISA

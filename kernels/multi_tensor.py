@@ -10,7 +10,11 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
            bits), rebuilt every step (grads are new tensors, steps advance, schedulers move lr);
   factors  float64 [divisor, multiplier] for each grad, read on the device when FACTORED:
            GradScaler's scale (STORE_GRAD) and a deferred clip coefficient; see GradFactor in
-           pyfused/optim/_fused.py.
+           pyfused/optim/_fused.py;
+  partials float64 [C][3], written when STATS (step statistics, pyfused/optim/stats.py): each
+           chunk's sums of squares of the grad the update saw, of the change (new param as
+           stored minus old) and of the old param, from the values the update holds anyway;
+           stats_kernel adds each tensor's in chunk order.
 
 With capturable=True nothing comes from the host during a step, so a CUDA graph can replay it:
 step counters live on the device, capturable_prologue_kernel advances them and writes lr and
@@ -29,11 +33,7 @@ SGD, ADAGRAD, RMSPROP, ADAM, ADADELTA = (tl.constexpr(i) for i in range(5))
 
 
 @triton.jit
-def _load(ptrs, mask, BF16: tl.constexpr, OP: tl.constexpr, MASKED: tl.constexpr):
-    if MASKED:
-        raw = tl.load(ptrs, mask=mask, other=0)
-    else:
-        raw = tl.load(ptrs)
+def _widen(raw, BF16: tl.constexpr, OP: tl.constexpr):
     if BF16:  # stored as uint16 bits: widening is exact
         return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -41,14 +41,29 @@ def _load(ptrs, mask, BF16: tl.constexpr, OP: tl.constexpr, MASKED: tl.constexpr
 
 
 @triton.jit
-def _store(ptrs, value, mask, BF16: tl.constexpr, MASKED: tl.constexpr):
+def _load(ptrs, mask, BF16: tl.constexpr, OP: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    else:
+        raw = tl.load(ptrs)
+    return _widen(raw, BF16, OP)
+
+
+@triton.jit
+def _narrow(value, BF16: tl.constexpr, STORAGE: tl.constexpr):
+    """An opmath value as stored in STORAGE (uint16 bits for bfloat16)."""
     if BF16:
         # Round to nearest even by hand: the interpreter truncates on .to(tl.bfloat16).
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        value = tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)  # NaN as torch writes it
+        return tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)  # NaN as torch writes it
     else:
-        value = value.to(ptrs.dtype.element_ty)
+        return value.to(STORAGE)
+
+
+@triton.jit
+def _store(ptrs, value, mask, BF16: tl.constexpr, MASKED: tl.constexpr):
+    value = _narrow(value, BF16, ptrs.dtype.element_ty)
     if MASKED:
         tl.store(ptrs, value, mask=mask)
     else:
@@ -80,8 +95,10 @@ def _update_block(
     param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
     AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FACTORED: tl.constexpr,
-    STORE_GRAD: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
+    """Updates one block; returns its squares of the grad, the change and the old param when
+    STATS (zeros otherwise, which nothing reads)."""
     mask = index < end
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
     g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
@@ -99,6 +116,13 @@ def _update_block(
         s1 = _load(s1_ptr + index, mask, BF16, OP, MASKED)
     if STATES > 2:
         s2 = _load(s2_ptr + index, mask, BF16, OP, MASKED)
+    old = p
+    grad_squares = tl.zeros([BLOCK], OP)
+    change_squares = tl.zeros([BLOCK], OP)
+    param_squares = tl.zeros([BLOCK], OP)
+    if STATS:
+        grad_squares = g * g
+        param_squares = old * old  # masked lanes loaded 0
 
     if OPTIMIZER == SGD:
         p, s0, s1, s2 = optimizers.sgd(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM)
@@ -118,6 +142,12 @@ def _update_block(
         _store(s1_ptr + index, s1, mask, BF16, MASKED)
     if STATES > 2:
         _store(s2_ptr + index, s2, mask, BF16, MASKED)
+    if STATS:
+        change = _widen(_narrow(p, BF16, param_ptr.dtype.element_ty), BF16, OP) - old
+        if MASKED:  # an update of zeros need not be zero
+            change = tl.where(mask, change, 0.0)
+        change_squares = change * change
+    return grad_squares, change_squares, param_squares
 
 
 @triton.jit
@@ -150,11 +180,11 @@ def capturable_prologue_kernel(
 
 @triton.jit
 def optimizer_kernel(
-    tables, uploads, factors, skip, n_tensors, n_groups, first_chunk,
+    tables, uploads, factors, skip, partials, n_tensors, n_groups, first_chunk,
     OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
     AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr, STATS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     if SKIP:  # GradScaler found inf or NaN: nothing moves
@@ -178,15 +208,63 @@ def optimizer_kernel(
     scalars = uploads + n_tensors + n_groups * N_HYPER + t * K
 
     # Whole blocks without a mask (a mask of unknown extent keeps loads from vectorizing),
-    # then at most one masked block for the tail.
+    # then at most one masked block for the tail. Each lane keeps its own sums (STATS).
+    grad_sum = tl.zeros([BLOCK], OP)
+    change_sum = tl.zeros([BLOCK], OP)
+    param_sum = tl.zeros([BLOCK], OP)
     full_end = start + (end - start) // BLOCK * BLOCK
     for offset in range(start, full_end, BLOCK):
         if ALIGNED:
             offset = tl.multiple_of(offset, BLOCK)
-        _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK),
-                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
-                      MOMENTUM, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=False)
+        grad_squares, change_squares, param_squares = _update_block(
+            param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK), end, hyper, scalars,
+            factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS,
+            BLOCK, MASKED=False)
+        if STATS:
+            grad_sum += grad_squares
+            change_sum += change_squares
+            param_sum += param_squares
     if full_end < end:
-        _update_block(param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK),
-                      end, hyper, scalars, factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
-                      MOMENTUM, CENTERED, FACTORED, STORE_GRAD, BLOCK, MASKED=True)
+        grad_squares, change_squares, param_squares = _update_block(
+            param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK), end, hyper, scalars,
+            factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS,
+            BLOCK, MASKED=True)
+        if STATS:
+            grad_sum += grad_squares
+            change_sum += change_squares
+            param_sum += param_squares
+    if STATS:  # the lanes' sums in float64, by a fixed tree
+        row = partials + 3 * (first_chunk + tl.program_id(0).to(tl.int64))
+        tl.store(row, tl.sum(grad_sum.to(tl.float64), 0))
+        tl.store(row + 1, tl.sum(change_sum.to(tl.float64), 0))
+        tl.store(row + 2, tl.sum(param_sum.to(tl.float64), 0))
+
+
+@triton.jit
+def stats_kernel(partials, chunk_rows, out, skip, n_tensors, max_chunks, SKIP: tl.constexpr, BLOCK: tl.constexpr):
+    """Step statistics from optimizer_kernel's partials: each tensor's chunks (chunk_rows: first
+    chunk[n] | chunk count[n]) added in chunk order, then out ([4][n] float64): the norms of the
+    grad, the change and the old param, and change norm / param norm. A skipped step writes
+    nothing."""
+    if SKIP:
+        if tl.load(skip) != 0:
+            return
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_tensors
+    first = tl.load(chunk_rows + i, mask=mask, other=0)
+    count = tl.load(chunk_rows + n_tensors + i, mask=mask, other=0)
+    grad = tl.zeros([BLOCK], tl.float64)
+    change = tl.zeros([BLOCK], tl.float64)
+    param = tl.zeros([BLOCK], tl.float64)
+    for k in range(0, max_chunks):
+        present = mask & (k < count)
+        row = partials + 3 * (first + k)
+        grad += tl.load(row, mask=present, other=0.0)
+        change += tl.load(row + 1, mask=present, other=0.0)
+        param += tl.load(row + 2, mask=present, other=0.0)
+    change_norm = tl.sqrt(change)
+    param_norm = tl.sqrt(param)
+    tl.store(out + i, tl.sqrt(grad), mask=mask)
+    tl.store(out + n_tensors + i, change_norm, mask=mask)
+    tl.store(out + 2 * n_tensors + i, param_norm, mask=mask)
+    tl.store(out + 3 * n_tensors + i, change_norm / param_norm, mask=mask)

@@ -30,8 +30,10 @@ def _hypers(kernel: str, bucket, hypers) -> int:
     return hypers.buffer_info()[0]
 
 
-def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
-    """One call updates every tensor of the bucket, on torch.get_num_threads() threads."""
+def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None:
+    """One call updates every tensor of the bucket, on torch.get_num_threads() threads. stats:
+    None, or a [4, bucket.n] float64 tensor that receives each tensor's step statistics
+    (pyfused/optim/stats.py)."""
     _C.optimizer_step(
         OPTIMIZERS[kernel],
         bucket.dtype_code,
@@ -48,6 +50,7 @@ def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
         grad_factor.divisor_value,
         grad_factor.multiplier_value,
         grad_factor.store_grads,
+        0 if stats is None else stats.data_ptr(),
     )
 
 

@@ -76,26 +76,47 @@ def norm_powered_sum(dtype_code, numels, addresses, kind, p, device) -> torch.Te
     return partials.sum()
 
 
-def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, skip):
+def _stats_rows(bucket):
+    """Each tensor's first chunk and chunk count ([2][n] int64 on the device), and the largest
+    count: where stats_kernel finds a tensor's partials. Built once per plan."""
+    rows = bucket.__dict__.get("triton_stats_rows")
+    if rows is None:
+        counts = (torch.frombuffer(bucket.numels, dtype=torch.int64) + _CHUNK - 1) // _CHUNK
+        table = torch.stack([torch.cumsum(counts, 0) - counts, counts]).to(bucket.device)
+        rows = bucket.triton_stats_rows = (table, int(counts.max()))
+    return rows
+
+
+def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, skip,
+                   stats=None):
+    """stats: None, or the [4, n] float64 table for the step statistics (pyfused/optim/stats.py)."""
     types, multi_tensor, optimizers, _ = _kernels()
     storage, op = types[bucket.dtype_code]
     factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
     n_hyper = _cpp.HYPER_SIZES[kernel]
+    partials = uploads if stats is None else torch.empty(3 * n_chunks, dtype=torch.float64, device=bucket.device)
     for first in range(0, n_chunks, _MAX_PROGRAMS):
         multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
-            tables, uploads, factors, uploads if skip is None else skip, bucket.n, len(bucket.group_ends), first,
-            OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
+            tables, uploads, factors, uploads if skip is None else skip, partials, bucket.n, len(bucket.group_ends),
+            first, OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
             STATES=n_states, N_HYPER=n_hyper, K=_cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel]),
             # The groups of a launch share their state layout: the first group's flags are all's.
             **{"AMSGRAD": False, "MOMENTUM": False, "CENTERED": False,
                **optimizers.mode(kernel, tuple(hypers[:n_hyper]))},
             FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads, SKIP=skip is not None,
-            CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            STATS=stats is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
             enable_fp_fusion=False,  # the only FMAs: the explicit ones, as in the C++ FMA builds
+        )
+    if stats is not None:
+        rows, max_chunks = _stats_rows(bucket)
+        block = 256  # tensors per program
+        multi_tensor.stats_kernel[((bucket.n + block - 1) // block,)](
+            partials, rows, stats, uploads if skip is None else skip, bucket.n, max_chunks,
+            SKIP=skip is not None, BLOCK=block, enable_fp_fusion=False,
         )
 
 
-def capturable_step(kernel: str, bucket, hyper, grad_factor, lr, found_inf) -> None:
+def capturable_step(kernel: str, bucket, hyper, grad_factor, lr, found_inf, stats=None) -> None:
     """capturable=True: no host sync and no host data that changes from step to step, so the
     step can be captured in a CUDA graph. Two launches: the prologue advances the device step
     counters and derives lr and the per-tensor scalars on the device, then the update. The
@@ -134,11 +155,13 @@ def capturable_step(kernel: str, bucket, hyper, grad_factor, lr, found_inf) -> N
         N_HYPER=len(hyper), K=k, SKIP=found_inf is not None, BLOCK=block, enable_fp_fusion=False,
     )
     aligned = aligned and functools.reduce(operator.or_, bucket.addresses[n : 2 * n], 0) % 16 == 0
-    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, found_inf)
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hyper, grad_factor, found_inf,
+                   stats)
 
 
-def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
-    """hypers: array('d'), the Hyper of each of the bucket's param groups in turn."""
+def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None:
+    """hypers: array('d'), the Hyper of each of the bucket's param groups in turn; stats: None,
+    or the [4, n] float64 table for the step statistics."""
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
         cached = bucket.triton_tables = _device_tables(bucket)
@@ -156,7 +179,7 @@ def optimizer_step(kernel: str, bucket, hypers, grad_factor) -> None:
     uploads = host.to(bucket.device, non_blocking=True) if on_cuda else host
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
-    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, None)
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, None, stats)
 
 
 # Batch normalization (kernels/batchnorm.py): the same entry points as pyfused/_cpp.py's, on

@@ -41,6 +41,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from pyfused import _backend, _cpp
+from pyfused.optim.stats import StepStats
 
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _REAL_DTYPES = _cpp.REAL_DTYPES
@@ -520,6 +521,16 @@ class FusedOptimizer:
     # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
     _step_supports_amp_scaling = True
 
+    def __init__(self, params, *args, track_stats=False, **kwargs):
+        """torch's constructor, plus pyfused's own options (keyword-only):
+        track_stats: after each step, `self.stats` holds every stepped param's grad norm, update
+        norm, param norm and update/param ratio, computed in the step's kernel pass (see
+        pyfused/optim/stats.py). Off, nothing is computed and there is no `stats` attribute."""
+        self._pyfused_track_stats = bool(track_stats)
+        if track_stats:
+            self.stats = StepStats()
+        super().__init__(params, *args, **kwargs)
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -548,6 +559,9 @@ class FusedOptimizer:
                 loss = closure()
         factor = GradFactor(getattr(self, "grad_scale", None), self.__dict__.pop("_pyfused_grad_multiplier", None))
         found_inf = getattr(self, "found_inf", None)
+        stats = None
+        if self.__dict__.get("_pyfused_track_stats"):  # a step that steps nothing leaves it empty
+            stats = self.stats = StepStats()
         if _backend.forced_backend() == "torch":
             self._torch_step(factor, found_inf)
             return loss
@@ -574,7 +588,8 @@ class FusedOptimizer:
             found_inf = None
         values = [hyper for hyper, _ in hypers]
         for bucket in plan.buckets:
-            _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf)
+            table = None if stats is None else stats.new_table(bucket.params, bucket.device)
+            _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf, table)
         plan.commit(self)
         return loss
 
@@ -664,17 +679,18 @@ class FusedOptimizer:
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hypers, factor, lr, found_inf):
+def _run(kernel, bucket, hypers, factor, lr, found_inf, stats=None):
     """One kernel call for the bucket; hypers: every param group's scalars; lr: the bucket's own
-    group's lr when it is capturable (a capturable bucket holds one group)."""
+    group's lr when it is capturable (a capturable bucket holds one group); stats: None, or the
+    [4, n] table that receives the bucket's step statistics."""
     if _backend.backend_for(bucket.device) == "cpp":
         if found_inf is not None and float(found_inf) != 0:  # a host tensor: no sync
             return
-        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor)
+        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
         if bucket.capturable:
-            _triton.capturable_step(kernel, bucket, bucket.hypers(hypers), factor, lr, found_inf)
+            _triton.capturable_step(kernel, bucket, bucket.hypers(hypers), factor, lr, found_inf, stats)
         else:
-            _triton.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor)
+            _triton.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
