@@ -102,7 +102,7 @@ constexpr int kStatsLanes = 16;
 constexpr int kStats = 3;  // sums per tensor: grad^2, change^2, old param^2
 
 // `update` is taken by value: a local copy whose fields no store can alias, so GCC hoists them
-// and vectorizes the loop (by reference, several variants stayed scalar). With kStats, `sums`
+// and vectorizes the loop (by reference, several variants stayed scalar). With kTrack, `sums`
 // receives this span's kStats sums (in double, its lanes merged in order).
 template <class T, bool kUnscale, bool kTrack, class Update>
 inline void update_span(const Update update, T* const* base, int64_t offset, int64_t length,

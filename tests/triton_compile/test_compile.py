@@ -46,15 +46,15 @@ def variants():
                 yield kernel, hyper, mode
 
 
-def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False):
+def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False, stats=False):
     storage, op = STORAGE[dtype]
     optimizer = _triton._OPTIMIZERS[kernel]
     constants = dict(
         OPTIMIZER=optimizer, STORAGE=storage, BF16=dtype == "bf16", OP=op,
         STATES=STATES[kernel](mode), N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(optimizer),
-        **mode, FACTORED=factored, STORE_GRAD=factored, SKIP=factored, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
+        **mode, FACTORED=factored, STORE_GRAD=factored, SKIP=factored, STATS=stats, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
     )
-    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "skip": "*fp32",
+    signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "skip": "*fp32", "partials": "*fp64",
                  "n_tensors": "i32", "n_groups": "i32", "first_chunk": "i32"}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
@@ -95,6 +95,28 @@ def test_every_variant_compiles_for_sm90(kernel, hyper, mode, dtype, factored):
     assert len(re.findall(rf"\bfma\.rn\.{wanted}\b", ptx)) == fmas_per_element(kernel, mode) * per_thread * 2
     other = "f32" if wanted == "f64" else "f64"
     assert not re.search(rf"\bfma\.rn\.{other}\b", ptx)
+
+
+@pytest.mark.parametrize("dtype", list(STORAGE))
+@pytest.mark.parametrize("kernel,hyper,mode", VARIANTS, ids=[f"{k}-{'-'.join(n for n, v in sorted(m.items()) if v) or 'plain'}" for k, _, m in VARIANTS])
+def test_every_variant_compiles_with_step_statistics(kernel, hyper, mode, dtype):
+    """STATS=True (track_stats): the same fused multiply-adds (the squares are summed unfused),
+    and the hot loop still moves 128-bit words where aligned."""
+    ptx = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=True, stats=True).asm["ptx"]
+    wanted = "f64" if dtype == "fp64" else "f32"
+    per_thread = _triton._COMPILED_BLOCK // (32 * NUM_WARPS)
+    assert len(re.findall(rf"\bfma\.rn\.{wanted}\b", ptx)) == fmas_per_element(kernel, mode) * per_thread * 2
+    if dtype == "fp32":
+        assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_stats_kernel_compiles_for_sm90(skip):
+    signature = {"partials": "*fp64", "chunk_rows": "*i64", "out": "*fp64", "skip": "*fp32", "n_tensors": "i32",
+                 "max_chunks": "i32", "SKIP": "constexpr", "BLOCK": "constexpr"}
+    source = ASTSource(fn=multi_tensor.stats_kernel, signature=signature, constexprs=dict(SKIP=skip, BLOCK=256))
+    ptx = triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": NUM_WARPS}).asm["ptx"]
+    assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx  # IEEE in float64, as csrc's std::sqrt and /
 
 
 @pytest.mark.parametrize("kernel", ["sgd", "adagrad", "rmsprop", "adam", "adadelta"])
