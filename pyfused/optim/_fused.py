@@ -686,10 +686,7 @@ def _run(kernel, bucket, hypers, factor, lr, found_inf, stats=None):
     if _backend.backend_for(bucket.device) == "cpp":
         if found_inf is not None and float(found_inf) != 0:  # a host tensor: no sync
             return
-        if stats is None:  # the call as it was before statistics (tests spy on its signature)
-            _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor)
-        else:
-            _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
+        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
