@@ -28,6 +28,7 @@ OPTIMIZERS = {  # name: (hyperparameters, bytes counted per element)
     "Adadelta": ({}, 28),  # read param, grad, square_avg, acc_delta; write param and both states
 }
 IMPLS = ("pyfused", "torch-forloop", "torch-foreach", "torch-fused")
+FLAT = "pyfused-flat"  # pyfused with flat=True: params, grads and state in arenas (pyfused/optim/_arena.py)
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -40,13 +41,14 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
 WORKLOADS = {  # name: (what, shapes, the implementations timed)
     # pyfused-stats: pyfused with track_stats=True, whose cost the pyfused column's ratio shows
     "large": ("150 x 65,536", [(65536,)] * 150, IMPLS + ("pyfused-stats",)),
-    "small": ("2,000 x 1,024", [(1024,)] * 2000, IMPLS),
+    "small": ("2,000 x 1,024", [(1024,)] * 2000, IMPLS + (FLAT,)),
     # per-layer lr and no weight decay on every other group: torch makes a call per group, pyfused one
     "groups": ("500 groups x 4 x 1,024", [(1024,)] * 2000, IMPLS),
-    "mixed": ("2 x 4Mi + 500 x 1,024 + 500 x 64", [(4 * 2**20,)] * 2 + [(1024,)] * 500 + [(64,)] * 500, IMPLS),
+    "mixed": ("2 x 4Mi + 500 x 1,024 + 500 x 64", [(4 * 2**20,)] * 2 + [(1024,)] * 500 + [(64,)] * 500,
+              IMPLS + (FLAT,)),
     "gpt2": ("GPT-2 small, 148 tensors, 124M values", gpt2_small_shapes(), IMPLS),
     # 2,000 one-element tensors: the step is per-call and per-tensor host work (the for-loop adds nothing)
-    "host": ("2,000 x 1 (host cost)", [(1,)] * 2000, ("pyfused", "torch-foreach", "torch-fused")),
+    "host": ("2,000 x 1 (host cost)", [(1,)] * 2000, ("pyfused", "torch-foreach", "torch-fused", FLAT)),
     # one thread, param + grad + state in L2 (AdamW: 4 x 32 KiB): compute-bound kernels show here
     "cache-1t": ("1 x 8,192, one thread, in cache", [(8192,)], ("pyfused", "torch-fused", "torch-foreach")),
 }
@@ -63,8 +65,8 @@ def param_groups(params: list[torch.Tensor], size: int, lr: float) -> list[dict]
 
 
 def optimizer(impl: str, name: str, params: list[torch.Tensor], **kwargs):
-    if impl in ("pyfused", "pyfused-stats"):
-        return getattr(pyfused.optim, name)(params, **kwargs, track_stats=impl == "pyfused-stats")
+    if impl in ("pyfused", "pyfused-stats", FLAT):  # flat=True copies the grads set before it into its arena
+        return getattr(pyfused.optim, name)(params, **kwargs, flat=impl == FLAT, track_stats=impl == "pyfused-stats")
     flag = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
     return getattr(torch.optim, name)(params, **kwargs, **flag[impl])
 
@@ -129,6 +131,9 @@ TARGETS = [
     *[Target("issue 2", "cpu", o, "mixed", "speedup", 2.0, FUSED) for o in ALL],
     *[Target("issue 2", "cpu", o, "host", "us_per_tensor", 1.0) for o in ALL],
     *[Target("issue 10", "cpu", o, "groups", "speedup", 8.0, FUSED) for o in ALL],
+    *[Target("issue 10", "cpu", o, "small", "speedup", 8.0, FUSED, impl=FLAT) for o in ("Adam", "AdamW")],
+    *[Target("issue 10", "cpu", o, "mixed", "speedup", 2.0, FUSED, impl=FLAT) for o in ALL],
+    *[Target("issue 10", "cpu", o, "host", "us_per_tensor", 0.1, impl=FLAT) for o in ALL],
     *[Target("issue 3", "cuda", o, "large", "share", 0.85) for o in ALL],
     *[Target("issue 3", "cuda", o, "small", "speedup", 1.0, FUSED) for o in ALL],
     *[Target("issue 3", "cuda", o, w, "speedup", 3.0, ("torch-foreach",)) for w in ("large", "small", "mixed", "gpt2")

@@ -229,3 +229,20 @@ def test_state_dict_unchanged_and_interchangeable_with_torch():
     ref = torch.optim.Adam([dict(params=params[:3]), dict(params=params[3:])], lr=1.0)
     ref.load_state_dict(opt.state_dict())
     assert ref.param_groups[1]["lr"] == opt.param_groups[1]["lr"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flat_arena_reports_every_param(name):
+    """flat=True with track_stats=True: grads written into the arena's views in place (the
+    arena's fast path would otherwise run), the statistics still per param, as without flat."""
+    params, opt = make(name, torch.float32, flat=True, track_stats=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        old = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        assert len(opt.stats) == len(params)
+        for p, o, g in zip(params, old, grads):
+            check(opt.stats, p, expected(o, g, p.detach()), 1e-4)

@@ -521,15 +521,29 @@ class FusedOptimizer:
     # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, *args, track_stats=False, **kwargs):
-        """torch's constructor, plus pyfused's own options (keyword-only):
+    def __init__(self, params, *args, flat=False, track_stats=False, **kwargs):
+        """torch's constructor, and pyfused's own options (keyword-only):
+
+        flat: moves the params into contiguous arenas, one per (device, dtype), with their grads
+            and state (see pyfused/optim/_arena.py and the README): a step is then a few long
+            spans. zero_grad() then always zeroes the grads in place. Create the optimizer
+            before wrapping or compiling the model; DTensor and FSDP params are refused.
         track_stats: after each step, `self.stats` holds every stepped param's grad norm, update
-        norm, param norm and update/param ratio, computed in the step's kernel pass (see
-        pyfused/optim/stats.py). Off, nothing is computed and there is no `stats` attribute."""
+            norm, param norm and update/param ratio, computed in the step's kernel pass (see
+            pyfused/optim/stats.py). Off, nothing is computed and there is no `stats` attribute.
+            With flat=True the steps then take the per-param tables (statistics are per param).
+        """
         self._pyfused_track_stats = bool(track_stats)
         if track_stats:
             self.stats = StepStats()
         super().__init__(params, *args, **kwargs)
+        if flat:
+            from pyfused.optim import _arena
+
+            for index, group in enumerate(self.param_groups):
+                _arena.check_flat_group(self, group, index)
+            self._pyfused_arena = _arena.Arena()
+            self._pyfused_arena.place(self, 0)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -544,6 +558,24 @@ class FusedOptimizer:
         if refusal:
             self.param_groups.pop()
             raise RuntimeError(refusal)
+        arena = self.__dict__.get("_pyfused_arena")
+        if arena is not None:  # flat=True: the new group gets buffers of its own
+            from pyfused.optim import _arena
+
+            try:
+                _arena.check_flat_group(self, group, len(self.param_groups) - 1)
+            except RuntimeError:
+                self.param_groups.pop()
+                raise
+            arena.place(self, len(self.param_groups) - 1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; with flat=True the grads are always zeroed in place, in one pass
+        per arena, whatever set_to_none (they stay views of the arena)."""
+        arena = self.__dict__.get("_pyfused_arena")
+        if arena is None:
+            return super().zero_grad(set_to_none)
+        arena.zero_grad(self, set_to_none)
 
     def step(self, closure=None):
         """Performs a single optimization step: one kernel call per (device, dtype, state
@@ -570,14 +602,19 @@ class FusedOptimizer:
         params = list(itertools.chain.from_iterable(map(_params_of, groups)))
         grads = list(map(_grad_of, params))
         keys = list(map(self._state_keys, groups))
-        plan = self.__dict__.get("_pyfused_plan")
-        if plan is None or not plan.still_valid(self, groups, params, grads, keys):
-            self._pyfused_plan = None
-            plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
-        if plan.uses_torch:
-            self._torch_step(factor, found_inf)
-            return loss
-        _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
+        arena = self.__dict__.get("_pyfused_arena")
+        if arena is not None and stats is None and arena.ready(self, groups, params, grads, keys):
+            plan, buckets = None, arena.spans  # flat=True, nothing changed: a few long spans
+        else:
+            plan = self.__dict__.get("_pyfused_plan")
+            if plan is None or not plan.still_valid(self, groups, params, grads, keys):
+                self._pyfused_plan = None
+                plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
+            if plan.uses_torch:
+                self._torch_step(factor, found_inf)
+                return loss
+            _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
+            buckets = plan.buckets
         dtensor = _dtensor_type()
         hypers = [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
@@ -587,10 +624,15 @@ class FusedOptimizer:
                 return loss
             found_inf = None
         values = [hyper for hyper, _ in hypers]
-        for bucket in plan.buckets:
+        for bucket in buckets:
             table = None if stats is None else stats.new_table(bucket.params, bucket.device)
             _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf, table)
-        plan.commit(self)
+        if plan is None:
+            arena.advanced()
+        else:
+            plan.commit(self)
+            if arena is not None:
+                arena.rebuild(self, groups, params, grads, keys)
         return loss
 
     def _scalars(self, group, index, dtensor):
