@@ -13,9 +13,10 @@
 // walk reduces a tile of adjacent columns at once, one register lane per column. Partitions
 // are merged per channel in (a, b) order with the parallel-axis formula
 //   mean = sum(S_p) / n,  M2 = sum(M2_p + n_p * (S_p / n_p - mean)^2)
-// whose terms are all non-negative. Everything accumulates in double: an fp32 element's square
-// is exact in double, and the partitions' sums stay exact to ~1e-16 relative, so the variance is
-// as good as a two-pass fp64 computation whatever the mean. The cut depends only on the shape,
+// whose terms are all non-negative. The planar walk accumulates in double: an fp32 element's
+// square is exact in double, and the partitions' sums stay exact to ~1e-16 relative, so the
+// variance is as good as a two-pass fp64 computation whatever the mean. The rows walk's
+// statistics fold short blocks of shifted terms in opmath first (see kBlock for the bound). The cut depends only on the shape,
 // so the statistics depend on neither the thread count nor the instruction set.
 //
 // Per-channel values (mean, inverse std, affine coefficients) travel as double arrays; the
@@ -206,6 +207,90 @@ inline void fold_tile(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, i
     for (int r = 0; r < kTileRegisters; ++r) acc[k][r] = a[k][r];
 }
 
+// The rows walk's statistics fold a tile's columns in opmath lanes of full registers (twice
+// kWidth floats for the 16- and 32-bit types) over blocks of kBlock rows, and widen each block's
+// sums into the tile's double lanes: half the instructions of widening every element. A block's
+// opmath sum of k <= kBlock terms t_i is off by at most (k - 1) * eps * sum |t_i| (eps: opmath's
+// unit roundoff, 2^-24 for float), so every term is shifted first to keep sum |t_i| small: by the
+// block's first row for the mean, by the partition's mean rounded to opmath for the squared
+// deviations, whose double correction makes M2 exact to that bound whatever the mean.
+constexpr int64_t kBlock = 8;
+
+template <class Op>
+struct WideOf {
+  typedef Op type __attribute__((vector_size(kVectorBytes)));
+};
+template <class T>
+using Wide = typename WideOf<OpMath<T>>::type;
+template <class T>
+constexpr int kWideLanes = kVectorBytes / int(sizeof(OpMath<T>));
+template <class T>
+constexpr int kWideRegisters = int(kTile) / kWideLanes<T>;
+
+// Lanes [0, n) of a Wide from p (n < kWideLanes: zero-padded), or per-column values from a
+// zero-padded array.
+template <class T>
+inline Wide<T> load_wide(const T* p, int64_t n) {
+  Wide<T> v = {};
+  if constexpr (std::is_same_v<T, OpMath<T>>) {
+    if (n >= kWideLanes<T>) {
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    }
+  }
+  for (int l = 0; l < kWideLanes<T> && l < n; ++l) v[l] = load(p + l);
+  return v;
+}
+
+// acc[h] += lanes [h * kWidth, (h + 1) * kWidth) of v, widened.
+template <class V>
+inline void add_widened(Vec* acc, V v) {
+  constexpr int n = int(sizeof(V) / sizeof(v[0]));
+  for (int h = 0; h < n / kWidth; ++h) {
+    Vec w;
+    for (int l = 0; l < kWidth; ++l) w[l] = double(v[h * kWidth + l]);
+    acc[h] += w;
+  }
+}
+
+// Rows walk: per column of a tile of n <= kTile columns, the sum over rows [0, rows) of
+// f(q, v...) (q: the tile's Wide register, v: that register of each input), folded as above.
+template <int kSums, class T, size_t kIn, class F>
+inline void fold_tile_blocks(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t rows, int64_t stride,
+                             int64_t n, F&& f) {
+  constexpr int kQ = kWideRegisters<T>;
+  using W = Wide<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    W block[kSums][kQ] = {};
+    auto add = [&](int q, const std::array<W, kIn>& v) {
+      const std::array<W, kSums> t = std::apply([&](auto... u) { return f(q, u...); }, v);
+      for (int k = 0; k < kSums; ++k) block[k][q] += t[k];
+    };
+    if (n == kTile) {
+      for (int64_t row = r0; row < r1; ++row) {
+#pragma GCC unroll 16
+        for (int q = 0; q < kQ; ++q) {
+          std::array<W, kIn> v;
+          for (size_t i = 0; i < kIn; ++i) v[i] = load_wide(in[i] + row * stride + q * kWideLanes<T>, kWideLanes<T>);
+          add(q, v);
+        }
+      }
+    } else {
+      for (int64_t row = r0; row < r1; ++row) {
+        for (int q = 0; q * kWideLanes<T> < n; ++q) {
+          std::array<W, kIn> v;
+          for (size_t i = 0; i < kIn; ++i)
+            v[i] = load_wide(in[i] + row * stride + q * kWideLanes<T>, n - q * kWideLanes<T>);
+          add(q, v);
+        }
+      }
+    }
+    for (int k = 0; k < kSums; ++k)
+      for (int q = 0; q < kQ; ++q) add_widened(acc[k] + q * (kWideLanes<T> / kWidth), block[k][q]);
+  }
+}
+
 // Planar walk: partition `item`'s S = sum x and M2 = sum (x - S / n)^2, into s1, s2.
 template <class T>
 void stats_partition(const BnShape& s, const Plan& p, const T* x, int64_t item, double* s1, double* s2) {
@@ -240,19 +325,42 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
   } else {
     // A tile of columns at a time, its sums in registers; its rows are still in cache for the
     // second pass.
+    using Op = OpMath<T>;
+    constexpr int kQ = kWideRegisters<T>;
     parallel_items(s, p.n_a, [&](int64_t a) {
       const int64_t rows = p.rows(s, a);
       const T* base = x + a * p.rows_per_a * W;
       for (int64_t w = 0; w < W; w += kTile) {
         const int64_t n = std::min<int64_t>(kTile, W - w);
-        Tile sum[1] = {}, m2[1] = {}, mean;
-        fold_tile(sum, std::array<const T*, 1>{base + w}, rows, W, n,
-                  [](int, OpVec<T> v) { return std::array<Vec, 1>{widen(v)}; });
+        const T* tile = base + w;
+        Wide<T> first[kQ], mean_op[kQ];  // the shifts: a block's first row, the mean in opmath
+        Tile sum[1] = {}, m2[1] = {};
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+          for (int q = 0; q < kQ; ++q) first[q] = load_wide(tile + r0 * W + q * kWideLanes<T>, n - q * kWideLanes<T>);
+          Tile block[1] = {};
+          fold_tile_blocks(block, std::array<const T*, 1>{tile + r0 * W}, std::min(kBlock, rows - r0), W, n,
+                           [&](int q, Wide<T> v) { return std::array<Wide<T>, 1>{v - first[q]}; });
+          Tile shift = {};
+          for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), first[q]);
+          const double count = double(std::min(kBlock, rows - r0));
+          for (int r = 0; r < kTileRegisters; ++r) sum[0][r] += shift[r] * count + block[0][r];
+        }
+        Tile mean;
         for (int r = 0; r < kTileRegisters; ++r) mean[r] = sum[0][r] / double(rows);
-        fold_tile(m2, std::array<const T*, 1>{base + w}, rows, W, n, [&](int r, OpVec<T> v) {
-          const Vec d = widen(v) - mean[r];
-          return std::array<Vec, 1>{d * d};
+#pragma GCC unroll 64
+        for (int col = 0; col < kTile; ++col)
+          mean_op[col / kWideLanes<T>][col % kWideLanes<T>] = Op(mean[col / kWidth][col % kWidth]);
+        fold_tile_blocks(m2, std::array<const T*, 1>{tile}, rows, W, n, [&](int q, Wide<T> v) {
+          const Wide<T> d = v - mean_op[q];
+          return std::array<Wide<T>, 1>{d * d};
         });
+        // sum (x - m')^2 = M2 + rows * (mean - m')^2 for the shift m' = mean rounded to opmath.
+        Tile shift = {};
+        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), mean_op[q]);
+        for (int r = 0; r < kTileRegisters; ++r) {
+          const Vec d = mean[r] - shift[r], dev = m2[0][r] - double(rows) * d * d;
+          m2[0][r] = dev < 0 ? Vec{} : dev;  // rounding below 0; NaN stays NaN
+        }
         std::memcpy(s1 + a * W + w, sum[0], n * sizeof(double));  // a Tile's lanes are its columns in order
         std::memcpy(s2 + a * W + w, m2[0], n * sizeof(double));
       }
