@@ -166,46 +166,11 @@ inline void fold(Lanes (&acc)[kSums], const std::array<const T*, kIn>& in, int64
 }
 
 // Rows walk: a tile of up to kTile columns down a block of rows, each column's sum in its own
-// lane of a register (register r holds columns r * kWidth + l), added row after row: the same
-// order as one column at a time, whatever the tile's width. f(r, v...) maps the tile's register r
-// of each input (as OpVecs) to one Vec of terms per sum. A narrower last tile is zero-padded; its
-// padding lanes are never read.
+// double lane (register r holds columns r * kWidth + l), in the same order whatever the tile's
+// width. A narrower last tile is zero-padded; its padding lanes are never read.
 constexpr int kTileRegisters = 8;
 constexpr int64_t kTile = kTileRegisters * kWidth;
 typedef Vec Tile[kTileRegisters];
-
-template <int kSums, class T, size_t kIn, class F>
-inline void fold_tile(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t rows, int64_t stride,
-                      int64_t n, F&& f) {
-  Vec a[kSums][kTileRegisters];  // a copy that stays in registers: acc's address is taken
-  for (int k = 0; k < kSums; ++k)
-    for (int r = 0; r < kTileRegisters; ++r) a[k][r] = acc[k][r];
-  auto add = [&](int r, const std::array<OpVec<T>, kIn>& v) {
-    const std::array<Vec, kSums> t = std::apply([&](auto... u) { return f(r, u...); }, v);
-    for (int k = 0; k < kSums; ++k) a[k][r] += t[k];
-  };
-  if (n == kTile) {
-    for (int64_t row = 0; row < rows; ++row) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kTileRegisters; ++r) {
-        std::array<OpVec<T>, kIn> v;
-        for (size_t i = 0; i < kIn; ++i) v[i] = load_vec(in[i] + row * stride + r * kWidth);
-        add(r, v);
-      }
-    }
-  } else {
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int r = 0; r * kWidth < n; ++r) {
-        std::array<OpVec<T>, kIn> v = {};
-        for (size_t i = 0; i < kIn; ++i)
-          for (int l = 0; l < kWidth && r * kWidth + l < n; ++l) v[i][l] = load(in[i] + row * stride + r * kWidth + l);
-        add(r, v);
-      }
-    }
-  }
-  for (int k = 0; k < kSums; ++k)
-    for (int r = 0; r < kTileRegisters; ++r) acc[k][r] = a[k][r];
-}
 
 // The rows walk's statistics fold a tile's columns in opmath lanes of full registers (twice
 // kWidth floats for the 16- and 32-bit types) over blocks of kBlock rows, and widen each block's
@@ -227,8 +192,7 @@ constexpr int kWideLanes = kVectorBytes / int(sizeof(OpMath<T>));
 template <class T>
 constexpr int kWideRegisters = int(kTile) / kWideLanes<T>;
 
-// Lanes [0, n) of a Wide from p (n < kWideLanes: zero-padded), or per-column values from a
-// zero-padded array.
+// Elements [0, n) from p as a Wide's first lanes, in opmath; zeros past n.
 template <class T>
 inline Wide<T> load_wide(const T* p, int64_t n) {
   Wide<T> v = {};
@@ -516,23 +480,29 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
       grad_partition<T, kRelu>(s, p, dy, x, item, a[c], b[c], mu[c], s1.data(), s2.data());
     });
   } else {
+    // Folded as the statistics (kBlock): sum dy unshifted, within (k - 1) eps sum |dy| per block;
+    // dy * (x - m') with m' the mean in opmath, corrected in double by (m' - mean) * sum dy.
+    constexpr int kQ = kWideRegisters<T>;
+    const std::vector<Op> mu_op = per_column<Op>(s, p.planar, mean);
     parallel_items(s, p.n_a, [&](int64_t pa) {
       const int64_t start = pa * p.rows_per_a * W;
       for (int64_t w = 0; w < W; w += kTile) {
         const int64_t n = std::min<int64_t>(kTile, W - w);
-        OpVec<T> sa[kTileRegisters], sb[kTileRegisters];
-        Tile m;
-        for (int r = 0; r < kTileRegisters; ++r) {
-          std::memcpy(&sa[r], a.data() + w + r * kWidth, sizeof sa[r]);
-          std::memcpy(&sb[r], b.data() + w + r * kWidth, sizeof sb[r]);
-          std::memcpy(&m[r], mu.data() + w + r * kWidth, sizeof m[r]);
+        Wide<T> sa[kQ], sb[kQ], m[kQ];  // per-column arrays, zero-padded to whole tiles
+        for (int q = 0; q < kQ; ++q) {
+          std::memcpy(&sa[q], a.data() + w + q * kWideLanes<T>, sizeof sa[q]);
+          std::memcpy(&sb[q], b.data() + w + q * kWideLanes<T>, sizeof sb[q]);
+          std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
         }
-        Tile sums[2] = {};
-        fold_tile(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
-                  [&](int r, OpVec<T> gv, OpVec<T> xv) {
-                    const Vec d = widen(masked<OpVec<T>, kRelu>(gv, xv, sa[r], sb[r]));
-                    return std::array<Vec, 2>{d, d * (widen(xv) - m[r])};
-                  });
+        Tile sums[2] = {}, shift = {}, mu_tile;
+        fold_tile_blocks(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
+                         [&](int q, Wide<T> gv, Wide<T> xv) {
+                           const Wide<T> d = masked<Wide<T>, kRelu>(gv, xv, sa[q], sb[q]);
+                           return std::array<Wide<T>, 2>{d, d * (xv - m[q])};
+                         });
+        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), m[q]);
+        std::memcpy(mu_tile, mu.data() + w, sizeof mu_tile);
+        for (int r = 0; r < kTileRegisters; ++r) sums[1][r] += (shift[r] - mu_tile[r]) * sums[0][r];
         std::memcpy(s1.data() + pa * W + w, sums[0], n * sizeof(double));
         std::memcpy(s2.data() + pa * W + w, sums[1], n * sizeof(double));
       }
