@@ -217,6 +217,16 @@ inline void add_widened(Vec* acc, V v) {
   }
 }
 
+// The rows walk goes down a tile's rows at a stride of a whole row, which the hardware
+// prefetchers do not follow from memory: the next tile's rows are fetched while this one is
+// reduced (n of its columns; none past the row's end).
+template <class T>
+inline void prefetch_next_tile(const T* tile, int64_t rows, int64_t stride, int64_t w, int64_t width) {
+  const int64_t n = std::min<int64_t>(kTile, width - w - kTile);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < n; k += int64_t(64 / sizeof(T))) __builtin_prefetch(tile + kTile + r * stride + k);
+}
+
 // Rows walk: per column of a tile of n <= kTile columns, the sum over rows [0, rows) of
 // f(q, v...) (q: the tile's Wide register, v: that register of each input), folded as above.
 template <int kSums, class T, size_t kIn, class F>
@@ -297,6 +307,7 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
       for (int64_t w = 0; w < W; w += kTile) {
         const int64_t n = std::min<int64_t>(kTile, W - w);
         const T* tile = base + w;
+        prefetch_next_tile(tile, rows, W, w, W);
         Wide<T> first[kQ], mean_op[kQ];  // the shifts: a block's first row, the mean in opmath
         Tile sum[1] = {}, m2[1] = {};
         for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
@@ -494,6 +505,8 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
           std::memcpy(&sb[q], b.data() + w + q * kWideLanes<T>, sizeof sb[q]);
           std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
         }
+        prefetch_next_tile(dy + start + w, p.rows(s, pa), W, w, W);
+        prefetch_next_tile(x + start + w, p.rows(s, pa), W, w, W);
         Tile sums[2] = {}, shift = {}, mu_tile;
         fold_tile_blocks(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
                          [&](int q, Wide<T> gv, Wide<T> xv) {
