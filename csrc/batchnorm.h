@@ -13,9 +13,10 @@
 // walk reduces a tile of adjacent columns at once, one register lane per column. Partitions
 // are merged per channel in (a, b) order with the parallel-axis formula
 //   mean = sum(S_p) / n,  M2 = sum(M2_p + n_p * (S_p / n_p - mean)^2)
-// whose terms are all non-negative. Everything accumulates in double: an fp32 element's square
-// is exact in double, and the partitions' sums stay exact to ~1e-16 relative, so the variance is
-// as good as a two-pass fp64 computation whatever the mean. The cut depends only on the shape,
+// whose terms are all non-negative. The planar walk accumulates in double: an fp32 element's
+// square is exact in double, and the partitions' sums stay exact to ~1e-16 relative, so the
+// variance is as good as a two-pass fp64 computation whatever the mean. The rows walk's
+// statistics fold short blocks of shifted terms in opmath first (see kBlock for the bound). The cut depends only on the shape,
 // so the statistics depend on neither the thread count nor the instruction set.
 //
 // Per-channel values (mean, inverse std, affine coefficients) travel as double arrays; the
@@ -165,45 +166,103 @@ inline void fold(Lanes (&acc)[kSums], const std::array<const T*, kIn>& in, int64
 }
 
 // Rows walk: a tile of up to kTile columns down a block of rows, each column's sum in its own
-// lane of a register (register r holds columns r * kWidth + l), added row after row: the same
-// order as one column at a time, whatever the tile's width. f(r, v...) maps the tile's register r
-// of each input (as OpVecs) to one Vec of terms per sum. A narrower last tile is zero-padded; its
-// padding lanes are never read.
+// double lane (register r holds columns r * kWidth + l), in the same order whatever the tile's
+// width. A narrower last tile is zero-padded; its padding lanes are never read.
 constexpr int kTileRegisters = 8;
 constexpr int64_t kTile = kTileRegisters * kWidth;
 typedef Vec Tile[kTileRegisters];
 
-template <int kSums, class T, size_t kIn, class F>
-inline void fold_tile(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t rows, int64_t stride,
-                      int64_t n, F&& f) {
-  Vec a[kSums][kTileRegisters];  // a copy that stays in registers: acc's address is taken
-  for (int k = 0; k < kSums; ++k)
-    for (int r = 0; r < kTileRegisters; ++r) a[k][r] = acc[k][r];
-  auto add = [&](int r, const std::array<OpVec<T>, kIn>& v) {
-    const std::array<Vec, kSums> t = std::apply([&](auto... u) { return f(r, u...); }, v);
-    for (int k = 0; k < kSums; ++k) a[k][r] += t[k];
-  };
-  if (n == kTile) {
-    for (int64_t row = 0; row < rows; ++row) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kTileRegisters; ++r) {
-        std::array<OpVec<T>, kIn> v;
-        for (size_t i = 0; i < kIn; ++i) v[i] = load_vec(in[i] + row * stride + r * kWidth);
-        add(r, v);
-      }
-    }
-  } else {
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int r = 0; r * kWidth < n; ++r) {
-        std::array<OpVec<T>, kIn> v = {};
-        for (size_t i = 0; i < kIn; ++i)
-          for (int l = 0; l < kWidth && r * kWidth + l < n; ++l) v[i][l] = load(in[i] + row * stride + r * kWidth + l);
-        add(r, v);
-      }
+// The rows walk's statistics fold a tile's columns in opmath lanes of full registers (twice
+// kWidth floats for the 16- and 32-bit types) over blocks of kBlock rows, and widen each block's
+// sums into the tile's double lanes: half the instructions of widening every element. A block's
+// opmath sum of k <= kBlock terms t_i is off by at most (k - 1) * eps * sum |t_i| (eps: opmath's
+// unit roundoff, 2^-24 for float), so every term is shifted first to keep sum |t_i| small: by the
+// block's first row for the mean, by the partition's mean rounded to opmath for the squared
+// deviations, whose double correction makes M2 exact to that bound whatever the mean.
+constexpr int64_t kBlock = 8;
+
+template <class Op>
+struct WideOf {
+  typedef Op type __attribute__((vector_size(kVectorBytes)));
+};
+template <class T>
+using Wide = typename WideOf<OpMath<T>>::type;
+template <class T>
+constexpr int kWideLanes = kVectorBytes / int(sizeof(OpMath<T>));
+template <class T>
+constexpr int kWideRegisters = int(kTile) / kWideLanes<T>;
+
+// Elements [0, n) from p as a Wide's first lanes, in opmath; zeros past n.
+template <class T>
+inline Wide<T> load_wide(const T* p, int64_t n) {
+  Wide<T> v = {};
+  if constexpr (std::is_same_v<T, OpMath<T>>) {
+    if (n >= kWideLanes<T>) {
+      std::memcpy(&v, p, sizeof v);
+      return v;
     }
   }
-  for (int k = 0; k < kSums; ++k)
-    for (int r = 0; r < kTileRegisters; ++r) acc[k][r] = a[k][r];
+  for (int l = 0; l < kWideLanes<T> && l < n; ++l) v[l] = load(p + l);
+  return v;
+}
+
+// acc[h] += lanes [h * kWidth, (h + 1) * kWidth) of v, widened.
+template <class V>
+inline void add_widened(Vec* acc, V v) {
+  constexpr int n = int(sizeof(V) / sizeof(v[0]));
+  for (int h = 0; h < n / kWidth; ++h) {
+    Vec w;
+    for (int l = 0; l < kWidth; ++l) w[l] = double(v[h * kWidth + l]);
+    acc[h] += w;
+  }
+}
+
+// The rows walk goes down a tile's rows at a stride of a whole row, which the hardware
+// prefetchers do not follow from memory: the next tile's rows are fetched while this one is
+// reduced (n of its columns; none past the row's end).
+template <class T>
+inline void prefetch_next_tile(const T* tile, int64_t rows, int64_t stride, int64_t w, int64_t width) {
+  const int64_t n = std::min<int64_t>(kTile, width - w - kTile);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < n; k += int64_t(64 / sizeof(T))) __builtin_prefetch(tile + kTile + r * stride + k);
+}
+
+// Rows walk: per column of a tile of n <= kTile columns, the sum over rows [0, rows) of
+// f(q, v...) (q: the tile's Wide register, v: that register of each input), folded as above.
+template <int kSums, class T, size_t kIn, class F>
+inline void fold_tile_blocks(Tile (&acc)[kSums], const std::array<const T*, kIn>& in, int64_t rows, int64_t stride,
+                             int64_t n, F&& f) {
+  constexpr int kQ = kWideRegisters<T>;
+  using W = Wide<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    W block[kSums][kQ] = {};
+    auto add = [&](int q, const std::array<W, kIn>& v) {
+      const std::array<W, kSums> t = std::apply([&](auto... u) { return f(q, u...); }, v);
+      for (int k = 0; k < kSums; ++k) block[k][q] += t[k];
+    };
+    if (n == kTile) {
+      for (int64_t row = r0; row < r1; ++row) {
+#pragma GCC unroll 16
+        for (int q = 0; q < kQ; ++q) {
+          std::array<W, kIn> v;
+          for (size_t i = 0; i < kIn; ++i) v[i] = load_wide(in[i] + row * stride + q * kWideLanes<T>, kWideLanes<T>);
+          add(q, v);
+        }
+      }
+    } else {
+      for (int64_t row = r0; row < r1; ++row) {
+        for (int q = 0; q * kWideLanes<T> < n; ++q) {
+          std::array<W, kIn> v;
+          for (size_t i = 0; i < kIn; ++i)
+            v[i] = load_wide(in[i] + row * stride + q * kWideLanes<T>, n - q * kWideLanes<T>);
+          add(q, v);
+        }
+      }
+    }
+    for (int k = 0; k < kSums; ++k)
+      for (int q = 0; q < kQ; ++q) add_widened(acc[k] + q * (kWideLanes<T> / kWidth), block[k][q]);
+  }
 }
 
 // Planar walk: partition `item`'s S = sum x and M2 = sum (x - S / n)^2, into s1, s2.
@@ -240,19 +299,43 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
   } else {
     // A tile of columns at a time, its sums in registers; its rows are still in cache for the
     // second pass.
+    using Op = OpMath<T>;
+    constexpr int kQ = kWideRegisters<T>;
     parallel_items(s, p.n_a, [&](int64_t a) {
       const int64_t rows = p.rows(s, a);
       const T* base = x + a * p.rows_per_a * W;
       for (int64_t w = 0; w < W; w += kTile) {
         const int64_t n = std::min<int64_t>(kTile, W - w);
-        Tile sum[1] = {}, m2[1] = {}, mean;
-        fold_tile(sum, std::array<const T*, 1>{base + w}, rows, W, n,
-                  [](int, OpVec<T> v) { return std::array<Vec, 1>{widen(v)}; });
+        const T* tile = base + w;
+        prefetch_next_tile(tile, rows, W, w, W);
+        Wide<T> first[kQ], mean_op[kQ];  // the shifts: a block's first row, the mean in opmath
+        Tile sum[1] = {}, m2[1] = {};
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+          for (int q = 0; q < kQ; ++q) first[q] = load_wide(tile + r0 * W + q * kWideLanes<T>, n - q * kWideLanes<T>);
+          Tile block[1] = {};
+          fold_tile_blocks(block, std::array<const T*, 1>{tile + r0 * W}, std::min(kBlock, rows - r0), W, n,
+                           [&](int q, Wide<T> v) { return std::array<Wide<T>, 1>{v - first[q]}; });
+          Tile shift = {};
+          for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), first[q]);
+          const double count = double(std::min(kBlock, rows - r0));
+          for (int r = 0; r < kTileRegisters; ++r) sum[0][r] += shift[r] * count + block[0][r];
+        }
+        Tile mean;
         for (int r = 0; r < kTileRegisters; ++r) mean[r] = sum[0][r] / double(rows);
-        fold_tile(m2, std::array<const T*, 1>{base + w}, rows, W, n, [&](int r, OpVec<T> v) {
-          const Vec d = widen(v) - mean[r];
-          return std::array<Vec, 1>{d * d};
+#pragma GCC unroll 64
+        for (int col = 0; col < kTile; ++col)
+          mean_op[col / kWideLanes<T>][col % kWideLanes<T>] = Op(mean[col / kWidth][col % kWidth]);
+        fold_tile_blocks(m2, std::array<const T*, 1>{tile}, rows, W, n, [&](int q, Wide<T> v) {
+          const Wide<T> d = v - mean_op[q];
+          return std::array<Wide<T>, 1>{d * d};
         });
+        // sum (x - m')^2 = M2 + rows * (mean - m')^2 for the shift m' = mean rounded to opmath.
+        Tile shift = {};
+        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), mean_op[q]);
+        for (int r = 0; r < kTileRegisters; ++r) {
+          const Vec d = mean[r] - shift[r], dev = m2[0][r] - double(rows) * d * d;
+          m2[0][r] = dev < 0 ? Vec{} : dev;  // rounding below 0; NaN stays NaN
+        }
         std::memcpy(s1 + a * W + w, sum[0], n * sizeof(double));  // a Tile's lanes are its columns in order
         std::memcpy(s2 + a * W + w, m2[0], n * sizeof(double));
       }
@@ -408,23 +491,31 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
       grad_partition<T, kRelu>(s, p, dy, x, item, a[c], b[c], mu[c], s1.data(), s2.data());
     });
   } else {
+    // Folded as the statistics (kBlock): sum dy unshifted, within (k - 1) eps sum |dy| per block;
+    // dy * (x - m') with m' the mean in opmath, corrected in double by (m' - mean) * sum dy.
+    constexpr int kQ = kWideRegisters<T>;
+    const std::vector<Op> mu_op = per_column<Op>(s, p.planar, mean);
     parallel_items(s, p.n_a, [&](int64_t pa) {
       const int64_t start = pa * p.rows_per_a * W;
       for (int64_t w = 0; w < W; w += kTile) {
         const int64_t n = std::min<int64_t>(kTile, W - w);
-        OpVec<T> sa[kTileRegisters], sb[kTileRegisters];
-        Tile m;
-        for (int r = 0; r < kTileRegisters; ++r) {
-          std::memcpy(&sa[r], a.data() + w + r * kWidth, sizeof sa[r]);
-          std::memcpy(&sb[r], b.data() + w + r * kWidth, sizeof sb[r]);
-          std::memcpy(&m[r], mu.data() + w + r * kWidth, sizeof m[r]);
+        Wide<T> sa[kQ], sb[kQ], m[kQ];  // per-column arrays, zero-padded to whole tiles
+        for (int q = 0; q < kQ; ++q) {
+          std::memcpy(&sa[q], a.data() + w + q * kWideLanes<T>, sizeof sa[q]);
+          std::memcpy(&sb[q], b.data() + w + q * kWideLanes<T>, sizeof sb[q]);
+          std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
         }
-        Tile sums[2] = {};
-        fold_tile(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
-                  [&](int r, OpVec<T> gv, OpVec<T> xv) {
-                    const Vec d = widen(masked<OpVec<T>, kRelu>(gv, xv, sa[r], sb[r]));
-                    return std::array<Vec, 2>{d, d * (widen(xv) - m[r])};
-                  });
+        prefetch_next_tile(dy + start + w, p.rows(s, pa), W, w, W);
+        prefetch_next_tile(x + start + w, p.rows(s, pa), W, w, W);
+        Tile sums[2] = {}, shift = {}, mu_tile;
+        fold_tile_blocks(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
+                         [&](int q, Wide<T> gv, Wide<T> xv) {
+                           const Wide<T> d = masked<Wide<T>, kRelu>(gv, xv, sa[q], sb[q]);
+                           return std::array<Wide<T>, 2>{d, d * (xv - m[q])};
+                         });
+        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), m[q]);
+        std::memcpy(mu_tile, mu.data() + w, sizeof mu_tile);
+        for (int r = 0; r < kTileRegisters; ++r) sums[1][r] += (shift[r] - mu_tile[r]) * sums[0][r];
         std::memcpy(s1.data() + pa * W + w, sums[0], n * sizeof(double));
         std::memcpy(s2.data() + pa * W + w, sums[1], n * sizeof(double));
       }
