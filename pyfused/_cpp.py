@@ -89,12 +89,24 @@ def isa() -> str:
 
 # Batch normalization (csrc/batchnorm.h): a dense tensor as (outer, C, inner); per-channel values
 # are float64 CPU tensors. pyfused/nn/batchnorm.py validates everything before these run.
+
+# Elements per thread below which another thread costs more than it saves: waking a pool worker
+# takes tens of microseconds on a VM, about a pass over 256 Ki fp32 elements (at (256, 1024) two
+# threads measured slower than one). The partitions are fixed, so no result depends on this.
+BN_GRAIN = 1 << 18
+
+
+def _bn_threads(shape) -> int:
+    outer, channels, inner = shape
+    return max(1, min(torch.get_num_threads(), outer * channels * inner // BN_GRAIN))
+
+
 def bn_stats(x, shape) -> torch.Tensor:
     """[2, C]: each channel's mean and sum of squared deviations."""
     outer, channels, inner = shape
     out = torch.empty(2, channels, dtype=torch.float64)
     _C.bn_stats(DTYPE_CODES[x.dtype], outer, channels, inner, x.data_ptr(), out.data_ptr(),
-                out[1].data_ptr(), torch.get_num_threads())
+                out[1].data_ptr(), _bn_threads(shape))
     return out
 
 
@@ -118,7 +130,7 @@ def bn_finalize(param_code, counts, stats, weight, bias, running_mean, running_v
 def bn_normalize(x, shape, scale, shift, relu) -> torch.Tensor:
     y = torch.empty_like(x)
     _C.bn_normalize(DTYPE_CODES[x.dtype], *shape, x.data_ptr(), y.data_ptr(), scale.data_ptr(),
-                    shift.data_ptr(), relu, torch.get_num_threads())
+                    shift.data_ptr(), relu, _bn_threads(shape))
     return y
 
 
@@ -127,7 +139,7 @@ def bn_grad_sums(dy, x, shape, mean, scale, shift, relu) -> torch.Tensor:
     out = torch.empty(2, shape[1], dtype=torch.float64)
     _C.bn_grad_sums(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
                     scale.data_ptr(), shift.data_ptr(), relu, out.data_ptr(), out[1].data_ptr(),
-                    torch.get_num_threads())
+                    _bn_threads(shape))
     return out
 
 
@@ -144,7 +156,7 @@ def bn_backward_finalize(param_code, count, training, sums, mean, invstd, weight
 def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
     dx = torch.empty_like(x)
     _C.bn_grad_input(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-                     coefficients.data_ptr(), relu, training, torch.get_num_threads())
+                     coefficients.data_ptr(), relu, training, _bn_threads(shape))
     return dx
 
 
@@ -155,7 +167,7 @@ def bn_forward(x, shape, param_code, weight, bias, running_mean, running_var, tr
     saved = torch.empty(4, shape[1], dtype=torch.float64)
     _C.bn_forward(DTYPE_CODES[x.dtype], param_code, *shape, x.data_ptr(), y.data_ptr(), _address(weight),
                   _address(bias), _address(running_mean), _address(running_var), training, momentum, eps, relu,
-                  saved.data_ptr(), torch.get_num_threads())
+                  saved.data_ptr(), _bn_threads(shape))
     return y, saved
 
 
@@ -166,7 +178,7 @@ def bn_backward(dy, x, shape, saved, param_code, weight, bias, need_x, need_w, n
     dbias = torch.empty_like(bias) if need_b else None
     _C.bn_backward(DTYPE_CODES[x.dtype], param_code, *shape, dy.data_ptr(), x.data_ptr(), _address(dx),
                    saved.data_ptr(), _address(weight), _address(bias), _address(dweight), _address(dbias),
-                   training, relu, torch.get_num_threads())
+                   training, relu, _bn_threads(shape))
     return dx, dweight, dbias
 
 

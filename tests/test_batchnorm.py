@@ -10,6 +10,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 import pyfused
+from pyfused import _cpp
 from pyfused import nn as pnn
 from pyfused.check.batchnorm_cases import (DTYPE_PAIRS, LAYOUT_SHAPES, OPTIONS, OPTIONS_SHAPE, SHAPES, batch, close,
                                            make, options_id, run_and_compare)
@@ -117,8 +118,10 @@ def test_state_dict_round_trip_and_repr():
 
 @pytest.mark.parametrize("shape,cl", [((7, 9, 65, 67), False), ((7, 9, 65, 67), True), ((300, 70), False)],
                          ids=["planar", "rows-channels-last", "rows-1d"])
-def test_statistics_and_grads_do_not_depend_on_thread_count(shape, cl):
-    # The planar walk, and the rows walk with a narrower last tile of columns (70 = 64 + 6).
+def test_statistics_and_grads_do_not_depend_on_thread_count(shape, cl, monkeypatch):
+    # The planar walk, and the rows walk with a narrower last tile of columns (70 = 64 + 6). These
+    # shapes are below the grain that would keep them on one thread: every thread count runs.
+    monkeypatch.setattr(_cpp, "BN_GRAIN", 1)
     x = batch(shape, torch.float32, cl, 3).requires_grad_()
     dy = batch(shape, torch.float32, cl, 4)
     outs = []
