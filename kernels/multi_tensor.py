@@ -93,12 +93,13 @@ def _chunk(chunks, first_chunk, numels, CHUNK: tl.constexpr, ALIGNED: tl.constex
 @triton.jit
 def _update_block(
     param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
+    grad_sum, change_sum, param_sum,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
     AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FACTORED: tl.constexpr,
     STORE_GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Updates one block; returns its squares of the grad, the change and the old param when
-    STATS (zeros otherwise, which nothing reads)."""
+    """Updates one block; with STATS, adds its squares of the grad, the change and the old param
+    to the per-lane sums it returns (unchanged otherwise)."""
     mask = index < end
     p = _load(param_ptr + index, mask, BF16, OP, MASKED)
     g = _load(grad_ptr + index, mask, BF16, OP, MASKED)
@@ -117,12 +118,9 @@ def _update_block(
     if STATES > 2:
         s2 = _load(s2_ptr + index, mask, BF16, OP, MASKED)
     old = p
-    grad_squares = tl.zeros([BLOCK], OP)
-    change_squares = tl.zeros([BLOCK], OP)
-    param_squares = tl.zeros([BLOCK], OP)
     if STATS:
-        grad_squares = g * g
-        param_squares = old * old  # masked lanes loaded 0
+        grad_sum += g * g
+        param_sum += old * old  # masked lanes loaded 0
 
     if OPTIMIZER == SGD:
         p, s0, s1, s2 = optimizers.sgd(p, g, s0, s1, s2, hyper, scalars, OP, MOMENTUM)
@@ -146,8 +144,8 @@ def _update_block(
         change = _widen(_narrow(p, BF16, param_ptr.dtype.element_ty), BF16, OP) - old
         if MASKED:  # an update of zeros need not be zero
             change = tl.where(mask, change, 0.0)
-        change_squares = change * change
-    return grad_squares, change_squares, param_squares
+        change_sum += change * change
+    return grad_sum, change_sum, param_sum
 
 
 @triton.jit
@@ -216,23 +214,15 @@ def optimizer_kernel(
     for offset in range(start, full_end, BLOCK):
         if ALIGNED:
             offset = tl.multiple_of(offset, BLOCK)
-        grad_squares, change_squares, param_squares = _update_block(
+        grad_sum, change_sum, param_sum = _update_block(
             param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK), end, hyper, scalars,
-            factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS,
-            BLOCK, MASKED=False)
-        if STATS:
-            grad_sum += grad_squares
-            change_sum += change_squares
-            param_sum += param_squares
+            factors, grad_sum, change_sum, param_sum, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED,
+            FACTORED, STORE_GRAD, STATS, BLOCK, MASKED=False)
     if full_end < end:
-        grad_squares, change_squares, param_squares = _update_block(
+        grad_sum, change_sum, param_sum = _update_block(
             param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK), end, hyper, scalars,
-            factors, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS,
-            BLOCK, MASKED=True)
-        if STATS:
-            grad_sum += grad_squares
-            change_sum += change_squares
-            param_sum += param_squares
+            factors, grad_sum, change_sum, param_sum, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED,
+            FACTORED, STORE_GRAD, STATS, BLOCK, MASKED=True)
     if STATS:  # the lanes' sums in float64, by a fixed tree
         row = partials + 3 * (first_chunk + tl.program_id(0).to(tl.int64))
         tl.store(row, tl.sum(grad_sum.to(tl.float64), 0))
