@@ -55,6 +55,11 @@ _data_ptr = torch.Tensor.data_ptr
 _deref = weakref.ref.__call__
 
 
+def _same(objects, expected) -> bool:
+    """Whether two sequences hold the same objects, by identity (a C-level pass, no hashing)."""
+    return len(objects) == len(expected) and all(map(operator.is_, objects, expected))
+
+
 def _is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill numel() consecutive slots, in some order."""
     if t.numel() == 0:
@@ -219,7 +224,7 @@ class _Bucket:
         if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
             if (
                 list(map(_stride_of, grads)) == self.strides
-                and array.array("q", map(_data_ptr, grads)) == self.grad_addresses
+                and list(map(_data_ptr, grads)) == self.grad_addresses
                 and list(map(_shape_of, grads)) == self.shapes
                 and list(map(_dtype_of, grads)) == self.dtypes
             ):
@@ -227,7 +232,7 @@ class _Bucket:
         self.checked = None
         copies = self._check_grads(grads)
         if not copies and self.layouts is None:
-            self.grad_addresses = self.addresses[self.n : 2 * self.n]
+            self.grad_addresses = self.addresses[self.n : 2 * self.n].tolist()
             self.checked = list(map(weakref.ref, grads))
         return copies
 
@@ -249,10 +254,10 @@ class _Bucket:
             or list(map(_device_of, grads)) != self.devices
         ):
             return self._conform(selected)
-        addresses = array.array("q", map(_data_ptr, grads))
+        addresses = list(map(_data_ptr, grads))
         if 0 in addresses:  # freed storage: only an empty grad may have no address
             return self._conform(selected)
-        self.addresses[self.n : 2 * self.n] = addresses
+        self.addresses[self.n : 2 * self.n] = array.array("q", addresses)
         return []
 
     def _conform(self, grads):
@@ -272,7 +277,7 @@ class _Bucket:
 
 def _state_objects(state):
     """Every per-param state dict of the optimizer, then every value in them: what the plan's
-    tables were built from, compared by identity (no tensor hashing: a C-level pass)."""
+    tables were built from, compared by identity (_same)."""
     try:
         return list(itertools.chain(state.values(), itertools.chain.from_iterable(map(dict.values, state.values()))))
     except TypeError:  # a state entry that is not a dict: the plan is rebuilt every step
@@ -293,12 +298,9 @@ class _Plan:
             index, position = locations[flat]
             return f"pyfused.optim.{name}: param {position} of param group {index}"
 
-        # Holding the groups, params and state objects keeps their ids, which still_valid()
-        # compares, unique.
+        # The groups, params and state objects still_valid() compares by identity.
         self.groups = list(groups)
-        self.group_ids = list(map(id, groups))
         self.params = params
-        self.param_ids = list(map(id, params))
         self.grad_types = list(map(type, grads))  # NoneType where a param has no grad
         self.keys = keys
         self.state_container = optimizer.state
@@ -306,7 +308,7 @@ class _Plan:
         self.param_addresses = self._addresses(params)
         self.buckets = []
         self.pending = []
-        self.state_objects = self.state_ids = None
+        self.state_objects = None
         active = [i for i, g in enumerate(grads) if g is not None]
         self.uses_torch = any(_backend.backend_for(params[i].device) == "torch" for i in active)
         if self.uses_torch:
@@ -359,23 +361,22 @@ class _Plan:
 
     def _snapshot(self, optimizer):
         self.state_objects = _state_objects(optimizer.state)
-        self.state_ids = None if self.state_objects is None else list(map(id, self.state_objects))
 
     def still_valid(self, optimizer, groups, params, grads, keys) -> bool:
         # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
-        # type changes the grad types; a replaced state dict or state tensor changes a state id.
+        # type changes the grad types; a replaced state dict or state tensor is another object.
         # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
         # is near 0, a shard's a heap address).
-        if self.state_ids is None or optimizer.state is not self.state_container:
+        if self.state_objects is None or optimizer.state is not self.state_container:
             return False
-        if keys != self.keys or list(map(id, groups)) != self.group_ids:
+        if keys != self.keys or not _same(groups, self.groups):
             return False
-        if list(map(id, params)) != self.param_ids or list(map(type, grads)) != self.grad_types:
+        if not _same(params, self.params) or list(map(type, grads)) != self.grad_types:
             return False
         if self._addresses(params) != self.param_addresses:
             return False
         objects = _state_objects(optimizer.state)
-        return objects is not None and list(map(id, objects)) == self.state_ids
+        return objects is not None and _same(objects, self.state_objects)
 
     def commit(self, optimizer):
         """After the step ran: the new state becomes the optimizer's."""
