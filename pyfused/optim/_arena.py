@@ -33,7 +33,7 @@ import torch
 
 from pyfused import _backend
 from pyfused.optim._fused import (_DTYPE_CODES, _REAL_DTYPES, _Bucket, _check_param, _data_ptr, _grad_of,
-                                  _is_dtensor, _overlapping_pair)
+                                  _is_dtensor, _overlapping_pair, _same)
 
 
 def check_flat_group(optimizer, group, index):
@@ -146,7 +146,7 @@ class Arena:
         for group in groups:
             self.params += group["params"]
             self.grad_views += [view_of[id(p)] for p in group["params"]]
-        self.param_addresses = array.array("q", map(_data_ptr, self.params))
+        self.param_addresses = list(map(_data_ptr, self.params))
         self.spans = None
 
     def zero_grad(self, optimizer, set_to_none):
@@ -173,14 +173,13 @@ class Arena:
         return (
             self.spans is not None
             and optimizer.state is self.state_container
-            and len(params) == len(self.params)
-            and all(map(operator.is_, grads, self.grad_views))
-            and all(map(operator.is_, params, self.params))
-            and array.array("q", map(_data_ptr, params)) == self.param_addresses
-            and array.array("q", map(_data_ptr, grads)) == self.grad_addresses
+            and _same(grads, self.grad_views)
+            and _same(params, self.params)
+            and list(map(_data_ptr, params)) == self.param_addresses
+            and list(map(_data_ptr, grads)) == self.grad_addresses
             and keys == self.keys
-            and list(map(id, groups)) == self.group_ids
-            and list(map(id, optimizer.state.values())) == self.state_ids
+            and _same(groups, self.groups)
+            and _same(optimizer.state.values(), self.state_dicts)
         )
 
     def rebuild(self, optimizer, groups, params, grads, keys):
@@ -188,10 +187,9 @@ class Arena:
         param is still in its place with its grad view."""
         self.spans = None
         if (
-            len(params) != len(self.params)
-            or not all(map(operator.is_, params, self.params))
-            or not all(map(operator.is_, grads, self.grad_views))
-            or array.array("q", map(_data_ptr, params)) != self.param_addresses
+            not _same(params, self.params)
+            or not _same(grads, self.grad_views)
+            or list(map(_data_ptr, params)) != self.param_addresses
             or any(_backend.backend_for(s.device) == "torch" for s in self.segments)
         ):
             return
@@ -239,10 +237,10 @@ class Arena:
             self.first_of = torch.tensor(first_of)
             self.scratch = torch.empty_like(self.steps)
         self.state_container = state
-        self.grad_addresses = array.array("q", map(_data_ptr, grads))
+        self.grad_addresses = list(map(_data_ptr, grads))
         self.keys = keys
-        self.group_ids = list(map(id, groups))
-        self.state_ids = list(map(id, state.values()))
+        self.groups = list(groups)
+        self.state_dicts = list(state.values())
 
     def advanced(self):
         """After a fast step: each run's counter, which the kernel advanced, onto its other params."""
