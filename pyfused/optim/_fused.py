@@ -53,6 +53,9 @@ _device_of = operator.attrgetter("device")
 _stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
 _deref = weakref.ref.__call__
+_capturable = operator.methodcaller("get", "capturable")
+_first = operator.itemgetter(0)
+_PLAIN_NUMBERS = frozenset((float, int, bool))  # what array("d") takes as it is
 
 
 def _same(objects, expected) -> bool:
@@ -211,7 +214,7 @@ class _Bucket:
 
     def hypers(self, hypers):
         """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn."""
-        return array.array("d", itertools.chain.from_iterable(map(hypers.__getitem__, self.groups)))
+        return array.array("d", list(itertools.chain.from_iterable(map(hypers.__getitem__, self.groups))))
 
     def load_grads(self, grads):
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
@@ -617,7 +620,7 @@ class FusedOptimizer:
             _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
             buckets = plan.buckets
         dtensor = _dtensor_type()
-        hypers = [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
+        hypers = self._all_scalars(groups, dtensor)
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
         # verdict on the device; the others need it on the host.
         if found_inf is not None and not all(g.get("capturable") for g in groups):
@@ -635,6 +638,16 @@ class FusedOptimizer:
             if arena is not None:
                 arena.rebuild(self, groups, params, grads, keys)
         return loss
+
+    def _all_scalars(self, groups, dtensor):
+        """Every group's _scalars(). When every value is a plain Python number and no group is
+        capturable (the common case), they are the values as given: the kernel tables take them."""
+        given = list(map(self._hyper, groups))
+        if _PLAIN_NUMBERS.issuperset(map(type, itertools.chain.from_iterable(given))) and not any(
+            map(_capturable, groups)
+        ):
+            return list(zip(given, map(_first, given)))
+        return [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
 
     def _scalars(self, group, index, dtensor):
         """The kernel's scalars, and lr as given (read on the device when capturable). A DTensor
