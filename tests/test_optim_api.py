@@ -808,6 +808,36 @@ def test_replacing_a_state_tensor_between_steps():
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout} {proc.stderr[-2000:]}"
 
 
+
+@pytest.mark.parametrize("amsgrad", [(False, False), (True, False)], ids=["same-keys", "mixed-keys"])
+def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(amsgrad):
+    """The plan's state check reads the state dicts' values with one getter where every dict has
+    the same keys, else dict by dict: both see a replaced tensor in any group."""
+
+    def run(cls):
+        params = [torch.nn.Parameter(torch.full((5,), 1.0 + i)) for i in range(4)]
+        opt = cls([{"params": params[:2], "amsgrad": amsgrad[0]}, {"params": params[2:], "amsgrad": amsgrad[1]}],
+                  lr=1e-3, weight_decay=0.01)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.full((5,), 0.1 * (i + 1) * (step + 1))
+            opt.step()
+            if step == 0:
+                opt.state[params[3]]["step"] = torch.tensor(10.0)
+                opt.state[params[1]]["exp_avg_sq"] = torch.full((5,), 0.5)
+            if step == 1 and amsgrad[0]:
+                opt.state[params[0]]["max_exp_avg_sq"] = torch.full((5,), 2.0)
+        return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+    (ours, ours_state), (theirs, their_state) = run(pyfused.optim.AdamW), run(torch.optim.AdamW)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)  # default fp32 tolerances: a few roundings apart
+    for a, b in zip(ours_state, their_state):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+
+
 # --- one kernel call per dtype, across param groups (tests/test_optim_groups.py has more) --------
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -278,13 +278,31 @@ class _Bucket:
         return copies
 
 
-def _state_objects(state):
-    """Every per-param state dict of the optimizer, then every value in them: what the plan's
-    tables were built from, compared by identity (_same)."""
-    try:
-        return list(itertools.chain(state.values(), itertools.chain.from_iterable(map(dict.values, state.values()))))
-    except TypeError:  # a state entry that is not a dict: the plan is rebuilt every step
-        return None
+class _StateSnapshot:
+    """The optimizer's per-param state dicts and the values in them, which the plan's tables were
+    built from, for a check by identity (_same) each step."""
+
+    def __init__(self, dicts):
+        # Where every dict has the same keys (the common case), an itemgetter reads their values
+        # in one call per dict (dict.values makes a view and an iterator per dict); a key that
+        # appears later is not one the tables use.
+        layouts = set(map(tuple, dicts))
+        keys = layouts.pop() if len(layouts) == 1 else ()
+        self.values_of = operator.itemgetter(*keys) if len(keys) > 1 else dict.values
+        self.dicts = dicts
+        self.values = self._values()
+
+    def _values(self):
+        return list(itertools.chain.from_iterable(map(self.values_of, self.dicts)))
+
+    def unchanged(self, state) -> bool:
+        if not _same(state.values(), self.dicts):
+            return False
+        try:
+            values = self._values()
+        except KeyError:  # a key deleted
+            return False
+        return _same(values, self.values)
 
 
 class _Plan:
@@ -311,7 +329,7 @@ class _Plan:
         self.param_addresses = self._addresses(params)
         self.buckets = []
         self.pending = []
-        self.state_objects = None
+        self.state = None
         active = [i for i, g in enumerate(grads) if g is not None]
         self.uses_torch = any(_backend.backend_for(params[i].device) == "torch" for i in active)
         if self.uses_torch:
@@ -363,14 +381,16 @@ class _Plan:
         return list(map(_data_ptr, params))
 
     def _snapshot(self, optimizer):
-        self.state_objects = _state_objects(optimizer.state)
+        dicts = list(optimizer.state.values())
+        # A state entry that is not a dict: the plan is rebuilt every step.
+        self.state = _StateSnapshot(dicts) if all(map(isinstance, dicts, itertools.repeat(dict))) else None
 
     def still_valid(self, optimizer, groups, params, grads, keys) -> bool:
         # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
         # type changes the grad types; a replaced state dict or state tensor is another object.
         # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
         # is near 0, a shard's a heap address).
-        if self.state_objects is None or optimizer.state is not self.state_container:
+        if self.state is None or optimizer.state is not self.state_container:
             return False
         if keys != self.keys or not _same(groups, self.groups):
             return False
@@ -378,8 +398,7 @@ class _Plan:
             return False
         if self._addresses(params) != self.param_addresses:
             return False
-        objects = _state_objects(optimizer.state)
-        return objects is not None and _same(objects, self.state_objects)
+        return self.state.unchanged(optimizer.state)
 
     def commit(self, optimizer):
         """After the step ran: the new state becomes the optimizer's."""
