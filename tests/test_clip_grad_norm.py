@@ -469,3 +469,184 @@ def test_16bit_norm_sums_as_its_float_copy(dtype, n):
 
     for kind in range(5):
         assert powered(x, kind) == powered(wide, kind), kind
+
+
+# flat=True arenas: handed all of an arena's grads, clip_grad_norm_ reads and scales its grad
+# buffers, one kernel entry per buffer. The norm is then summed over other chunk boundaries than
+# the per-tensor path's, so it is compared against the float64 reference at pyfused's tolerance
+# (max and min: bit for bit with torch); the grads against torch's scaling by that norm, bit for
+# bit (the same multiply per element).
+ARENA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ARENA_SIZES = (1, 7, 4097, 130, 16385, 3)
+
+
+def arena_optimizer(dtypes, sizes=ARENA_SIZES, seed=0, scale=1.0):
+    """Params of `dtypes` dealt round-robin into two groups of a flat=True SGD (a buffer per
+    dtype, a segment per group), a third group added later (more buffers); grads set in place."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtypes[i % len(dtypes)])) for i, n in enumerate(sizes * 2)]
+    optimizer = pyfused.optim.SGD([{"params": params[0::3]}, {"params": params[1::3], "lr": 0.5}], lr=0.1, flat=True)
+    optimizer.add_param_group({"params": params[2::3]})
+    for p in params:
+        p.grad.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype))
+    return params, optimizer
+
+
+def kernel_entries(monkeypatch):
+    """The entries (spans or tensors) each norm kernel call is handed, call by call."""
+    calls = []
+    original = pyfused._cpp.norm_powered_sum
+
+    def counting(dtype_code, numels, *args):
+        calls.append(len(numels))
+        return original(dtype_code, numels, *args)
+
+    monkeypatch.setattr(pyfused._cpp, "norm_powered_sum", counting)
+    return calls
+
+
+def assert_clipped_like_torch(params, ref, ours, max_norm, p, foreach):
+    """ours (the norm) against torch's (max, min, count) or the float64 reference, and the grads
+    against torch's scaling by ours."""
+    grads = [q.grad for q in ref if q.grad is not None]
+    theirs = torch.nn.utils.get_total_norm(grads, p)
+    assert ours.dtype == theirs.dtype
+    expected = reference(grads, p)
+    if p in (INF, -INF, 0.0):
+        assert torch.equal(ours, theirs) or (ours.isnan() and theirs.isnan()), (ours, theirs)
+    elif not math.isfinite(float(expected)):  # an inf or a nan among the grads
+        assert float(ours) == float(expected) or (ours.isnan() and expected.isnan()), (ours, expected)
+    else:  # (torch may round a 16-bit tensor's own norm to inf here: see test_mixed_dtypes_return_torchs_dtype)
+        dtypes = {g.dtype for g in grads}
+        # fp32 lanes for all but fp64 grads, rounded once to the result's dtype
+        rtol = max([TOLERANCES[ours.dtype][0]] + [TOLERANCES[torch.float32][0] for d in dtypes if d != torch.float64])
+        assert_close_rel(ours, expected, rtol, "pyfused")
+    torch.nn.utils.clip_grads_with_norm_(ref, max_norm, ours, foreach=foreach)
+    assert_grads_equal(params, ref)
+
+
+@pytest.mark.parametrize("foreach", (True, False), ids=lambda f: f"foreach={f}")
+@pytest.mark.parametrize("p", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtypes", [(torch.float32,), ARENA_DTYPES], ids=["fp32", "mixed"])
+def test_arena_clip_one_span_per_buffer(dtypes, p, foreach, monkeypatch):
+    params, optimizer = arena_optimizer(dtypes)
+    buffers = optimizer._pyfused_arena.grad_buffers
+    assert len(buffers) == 2 * len(dtypes)  # construction, then add_param_group
+    ref = clone_params(params)
+    calls = kernel_entries(monkeypatch)
+    ours = clip_grad_norm_(params, 0.5, p, foreach=foreach)
+    if p == 0.0:  # torch's count of nonzero tensors: per tensor, by torch's own norms
+        assert calls == []
+    else:
+        assert sum(calls) == len(buffers) and len(calls) == len(dtypes)  # one call per dtype, a span per buffer
+    assert float(ours) > 0.5 or p == -INF  # the grads were really scaled
+    assert_clipped_like_torch(params, ref, ours, 0.5, p, foreach)
+    assert all(any(q.grad._base is b for b in buffers) for q in params)  # scaled in place: still the views
+
+
+def test_arena_clip_in_any_order_and_then_a_step(monkeypatch):
+    """The model's order, not the optimizer's: still the buffers. A step after it takes the
+    clipped grads from the arena."""
+    params, optimizer = arena_optimizer((torch.float32,))
+    ref = clone_params(params)
+    calls = kernel_entries(monkeypatch)
+    ours = clip_grad_norm_(params[::-1], 0.5)
+    assert calls == [len(optimizer._pyfused_arena.grad_buffers)]
+    assert_clipped_like_torch(params, ref, ours, 0.5, 2.0, None)
+    torch_optimizer = torch.optim.SGD([{"params": ref[0::3]}, {"params": ref[1::3], "lr": 0.5}], lr=0.1)
+    torch_optimizer.add_param_group({"params": ref[2::3]})
+    optimizer.step()
+    torch_optimizer.step()
+    for q, r in zip(params, ref):
+        torch.testing.assert_close(q.detach(), r.detach())  # fp32: at torch's fp32 tolerance (its FMA-free update)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES, ids=str)
+def test_arena_clip_error_if_nonfinite(p, monkeypatch):
+    """A non-finite grad in the arena: torch's message (nothing scaled) or torch's scaling."""
+    params, optimizer = arena_optimizer((torch.float32, torch.bfloat16))
+    params[4].grad[3] = INF
+    params[5].grad[0] = math.nan
+    ref = clone_params(params)
+    theirs = torch.nn.utils.get_total_norm([q.grad for q in ref], p)
+    calls = kernel_entries(monkeypatch)
+    if math.isfinite(float(theirs)):  # p = 0 counts tensors
+        ours = clip_grad_norm_(params, 1.0, p, error_if_nonfinite=True)
+        assert_clipped_like_torch(params, ref, ours, 1.0, p, None)
+        return
+    with pytest.raises(RuntimeError) as expected:
+        torch.nn.utils.clip_grad_norm_(clone_params(ref), 1.0, p, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as raised:
+        clip_grad_norm_(params, 1.0, p, error_if_nonfinite=True)
+    assert str(raised.value) == str(expected.value)
+    assert_grads_equal(params, ref)  # nothing scaled
+    assert sum(calls) == len(optimizer._pyfused_arena.grad_buffers)
+    ours = clip_grad_norm_(params, 1.0, p)  # scaled by the non-finite norm anyway, as torch does
+    assert_clipped_like_torch(params, ref, ours, 1.0, p, None)
+
+
+def _subset(params, optimizer):
+    return params[1:], len(params) - 1
+
+
+def _replaced(params, optimizer):
+    params[2].grad = params[2].grad.clone()
+    return params, len(params)
+
+
+def _data_replaced(params, optimizer):
+    params[2].grad.data = params[2].grad.data.clone()
+    return params, len(params)
+
+
+def _none(params, optimizer):
+    params[2].grad = None
+    return params, len(params) - 1
+
+
+def _duplicate(params, optimizer):
+    return params[:-1] + params[:1], len(params)
+
+
+def _other_arena(params, optimizer):
+    more = [torch.nn.Parameter(torch.zeros(5))]
+    pyfused.optim.SGD(more, lr=0.1, flat=True)
+    more[0].grad.normal_()
+    return params + more, len(params) + 1
+
+
+FALLBACKS = {"subset": _subset, "grad_replaced": _replaced, "grad_data_replaced": _data_replaced,
+             "grad_none": _none, "duplicate": _duplicate, "with_another_arena": _other_arena}
+
+
+@pytest.mark.parametrize("p", (INF, 2.0, 0.5), ids=str)
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_arena_clip_falls_back_per_tensor(case, p, monkeypatch):
+    """Anything but exactly the arena's grad views: one entry per tensor, torch's results."""
+    params, optimizer = arena_optimizer((torch.float32,))
+    given, n = FALLBACKS[case](params, optimizer)
+    copies = {}  # a duplicate stays one tensor, counted and scaled twice (torch's own behaviour)
+    ref = [copies.setdefault(id(q), clone_params([q])[0]) for q in given]
+    calls = kernel_entries(monkeypatch)
+    ours = clip_grad_norm_(given, 0.5, p)
+    assert calls == [n]
+    assert_clipped_like_torch(given, ref, ours, 0.5, p, None)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES, ids=str)
+def test_arena_clip_with_an_empty_grad(p, monkeypatch):
+    """An empty param in the arena: max and min raise torch's message (per-tensor path); the others
+    still take the buffers."""
+    params, optimizer = arena_optimizer((torch.float32,), sizes=(3, 0, 4097))
+    ref = clone_params(params)
+    calls = kernel_entries(monkeypatch)
+    if p in (INF, -INF):
+        with pytest.raises(RuntimeError) as expected:
+            torch.nn.utils.clip_grad_norm_(ref, 0.5, p)
+        with pytest.raises(RuntimeError) as raised:
+            clip_grad_norm_(params, 0.5, p)
+        assert str(raised.value) == str(expected.value)
+        return
+    ours = clip_grad_norm_(params, 0.5, p)
+    assert sum(calls) == (0 if p == 0.0 else len(optimizer._pyfused_arena.grad_buffers))
+    assert_clipped_like_torch(params, ref, ours, 0.5, p, None)

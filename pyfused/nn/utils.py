@@ -15,6 +15,10 @@ Fused clipping: clip_grad_norm_(..., optimizer=opt) computes the norm but does n
 grads; opt's next step() multiplies the clip coefficient in inside its kernels. The grads are
 then read twice per step (norm, update) instead of three times (norm, scale, update), and the
 scaling pass's write is gone. p.grad keeps its unclipped values.
+
+flat=True arenas: handed all the grads of one pyfused optimizer's arena, clip_grad_norm_ takes
+the norm of, and scales, its grad buffers: one span per buffer, not one per tensor (see
+pyfused/optim/_arena.py for when the buffers stand for the grads).
 """
 
 import array
@@ -27,6 +31,7 @@ import warnings
 import torch
 
 from pyfused import _backend, _cpp
+from pyfused.optim._arena import grad_buffers_of
 from pyfused.optim._fused import _check_addressable, _dtensor_type, _is_dense
 
 _DTYPE_CODES = _cpp.DTYPE_CODES
@@ -270,6 +275,29 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [g for g in map(_grad_of, parameters) if g is not None]
-    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, group=group)
-    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, optimizer=optimizer)
+    buffers = _arena_buffers(grads, norm_type)
+    total_norm = get_total_norm(buffers or grads, norm_type, error_if_nonfinite, foreach, group=group)
+    if buffers is None or optimizer is not None:
+        clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, optimizer=optimizer)
+    else:
+        # torch's clip_grads_with_norm_ on the buffers: its coefficient, its multiply per element
+        coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+        for buffer in buffers:
+            if foreach is False:
+                buffer.mul_(coefficient.to(buffer.device))
+            else:
+                torch._foreach_mul_([buffer], coefficient.to(buffer.device))
     return total_norm
+
+
+def _arena_buffers(grads, norm_type):
+    """The grad buffers of a flat=True arena when they stand for `grads` in the norm and the
+    scaling; else None. Not for p = 0 (it counts tensors), nor for max and min over an arena with
+    an empty grad (torch raises there), nor off CPU and CUDA (torch's foreach choice differs)."""
+    buffers = grad_buffers_of(grads)
+    if buffers is None or any(b.device.type not in ("cpu", "cuda") for b in buffers):
+        return None
+    kind = _kind(float(norm_type))
+    if kind == _COUNT or (kind in (_cpp.NORM_MAX_ABS, _cpp.NORM_MIN_ABS) and not all(map(torch.Tensor.numel, grads))):
+        return None
+    return buffers

@@ -23,11 +23,16 @@ are those the spans were built from; anything else takes the general step (_Plan
 correct. After a general step the spans are rebuilt once every grad is its view again (zero_grad()
 restores them). Not seen: a tensor assigned into a param's state dict (opt.state[p]["exp_avg"] = t);
 replace state with load_state_dict() or a whole dict (opt.state[p] = {...}).
+
+Clipping. The grad views tile their buffers end to end, with no gaps (params are dense), so a grad
+buffer holds exactly its views' elements: clip_grad_norm_ handed all of an arena's grads (in any
+order) takes the norm of, and scales, the buffers instead (grad_buffers_of).
 """
 
 import array
 import itertools
 import operator
+import weakref
 
 import torch
 
@@ -115,6 +120,28 @@ class _Spans:
         self.steps_are_double = steps is not None and steps.dtype == torch.float64
 
 
+# id(grad buffer) -> its Arena. An entry lives as long as its Arena, which holds the buffer: an id
+# found here is never a freed buffer's.
+_ARENA_OF_GRAD_BUFFER = weakref.WeakValueDictionary()
+
+
+def grad_buffers_of(grads):
+    """The grad buffers of the arena whose grad views `grads` are, if they are all of its views,
+    each once, in any order, each still at the address it was given; else None. Identity and
+    address comparisons only, as the fast step's check."""
+    base = grads[0]._base if grads else None
+    arena = _ARENA_OF_GRAD_BUFFER.get(id(base)) if base is not None else None
+    if arena is None:
+        return None
+    if _same(grads, arena.grad_views):  # the optimizer's own order: the usual case
+        addresses = arena.grad_view_addresses
+    elif len(grads) == len(arena.grad_views) and len(set(map(id, grads))) == len(grads):
+        addresses = list(map(arena.grad_view_address_of.get, map(id, grads)))  # None: not a view
+    else:
+        return None
+    return arena.grad_buffers if list(map(_data_ptr, grads)) == addresses else None
+
+
 class Arena:
     def __init__(self):
         self.segments = []
@@ -136,6 +163,7 @@ class Arena:
             data = torch.empty(total, dtype=dtype, device=device)
             grads = torch.zeros(total, dtype=dtype, device=device)
             self.grad_buffers.append(grads)
+            _ARENA_OF_GRAD_BUFFER[id(grads)] = self
             start = 0
             for index, run in itertools.groupby(members, key=operator.itemgetter(0)):
                 params = [p for _, p in run]
@@ -147,6 +175,8 @@ class Arena:
             self.params += group["params"]
             self.grad_views += [view_of[id(p)] for p in group["params"]]
         self.param_addresses = list(map(_data_ptr, self.params))
+        self.grad_view_addresses = list(map(_data_ptr, self.grad_views))
+        self.grad_view_address_of = dict(zip(map(id, self.grad_views), self.grad_view_addresses))
         self.spans = None
 
     def zero_grad(self, optimizer, set_to_none):
