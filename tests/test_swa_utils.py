@@ -486,7 +486,8 @@ def test_step_average_falls_back_to_update_parameters(fn):
     finally:
         FNS.pop("custom", None)
     assert_step_average(fused, plain, steps=6)
-    assert fused[1].calls == 6  # update_parameters ran after each step
+    # update_parameters ran after each step; for the default but the first, a copy the kernels make
+    assert fused[1].calls == (5 if fn == "default" else 6)
 
 
 def test_step_average_with_a_param_without_grad_and_use_buffers():
