@@ -560,3 +560,22 @@ def test_step_average_errors():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert int(shared.n_averaged) == 0
+
+
+def test_step_average_on_torchs_backend_is_update_parameters():
+    """PYFUSED_BACKEND=torch: torch's step, then update_parameters; a skipped step skips both."""
+    models = [StepNet(torch.float32) for _ in range(2)]
+    ours = P.AveragedModel(models[0], multi_avg_fn=P.get_ema_multi_avg_fn(0.9))
+    theirs = T.AveragedModel(models[1], multi_avg_fn=T.get_ema_multi_avg_fn(0.9))
+    opts = [pyfused.optim.SGD(models[0].parameters(), lr=0.1, average=ours),
+            torch.optim.SGD(models[1].parameters(), lr=0.1, foreach=False)]
+    with pyfused.use_backend("torch"):
+        for k in range(3):
+            for model, opt in zip(models, opts):
+                for p in model.parameters():
+                    p.grad = torch.full_like(p, 0.1 * k)
+                opt.step()
+            theirs.update_parameters(models[1])
+        opts[0].found_inf = torch.ones(())
+        opts[0].step()
+    assert_same(theirs, ours)

@@ -92,3 +92,13 @@ def test_skipped_gradscaler_step_leaves_the_average():
         if k == 1:
             assert all(torch.equal(before[key], t) for key, t in fused.state_dict().items())
     assert int(fused.n_averaged) == 2 and fused._plan is None
+
+
+def test_capturable_is_refused():
+    model = model_for(torch.float32)
+    averaged = P.AveragedModel(model)
+    with pytest.raises(ValueError, match="average= does not support capturable=True"):
+        pyfused.optim.Adam(model.parameters(), lr=0.1, capturable=True, average=averaged)
+    opt = pyfused.optim.Adam(list(model.parameters()), lr=0.1, average=averaged)
+    with pytest.raises(RuntimeError, match="average= does not support capturable=True"):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.ones(3, device=DEVICE))], capturable=True))
