@@ -30,6 +30,11 @@ struct TensorTable {
   const int64_t* group_ends = nullptr;
   // Optimizer calls with step statistics: [4][n_tensors] doubles written (csrc/multi_tensor.h).
   double* stats = nullptr;
+  // Optimizer calls that also update a weight average (average= in pyfused/optim/_fused.py):
+  // averages[i] is the address of tensor i's average, lerped towards the new param as stored,
+  // by average_weight, after the update (csrc/multi_tensor.h).
+  const int64_t* averages = nullptr;
+  double average_weight = 0;
 };
 
 // Batch normalization (csrc/batchnorm.h): a tensor as (outer, channels, inner), element

@@ -98,7 +98,8 @@ Optimizer checked_optimizer(int optimizer, int dtype, int64_t n_tensors, int64_t
 void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numels,
                     uintptr_t addresses, uintptr_t steps, bool steps_are_double, uintptr_t flags,
                     int64_t n_groups, uintptr_t group_ends, uintptr_t hypers, int threads,
-                    double grad_divisor, double grad_multiplier, bool store_grads, uintptr_t stats) {
+                    double grad_divisor, double grad_multiplier, bool store_grads, uintptr_t stats,
+                    uintptr_t averages, double average_weight) {
   Optimizer which = checked_optimizer(optimizer, dtype, n_tensors, n_groups, group_ends);
   TensorTable table{n_tensors,
                     address<int64_t>(numels),
@@ -112,7 +113,9 @@ void optimizer_step(int optimizer, int dtype, int64_t n_tensors, uintptr_t numel
                     store_grads,
                     n_groups,
                     address<int64_t>(group_ends),
-                    mutable_address<double>(stats)};
+                    mutable_address<double>(stats),
+                    address<int64_t>(averages),
+                    average_weight};
   py::gil_scoped_release no_gil;
   try {
     isa().optimizer_step(which, DType(dtype), table, address<double>(hypers));
@@ -295,13 +298,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("steps_are_double"), py::arg("flags"), py::arg("n_groups"), py::arg("group_ends"),
         py::arg("hypers"), py::arg("threads"), py::arg("grad_divisor") = 1.0,
         py::arg("grad_multiplier") = 1.0, py::arg("store_grads") = false, py::arg("stats") = 0,
+        py::arg("averages") = 0, py::arg("average_weight") = 0.0,
         "Updates n_tensors tensors in place. numels, addresses ([roles][n_tensors]), steps and\n"
         "flags are addresses of int64 arrays (0 for an absent row). The tensors form n_groups\n"
         "param groups, group g ending at group_ends[g] (int64s), with hyper_size(optimizer)\n"
         "doubles each at hypers. Grads are divided by grad_divisor and multiplied by\n"
         "grad_multiplier first, and stored back if store_grads. If stats is not 0, it is the\n"
         "address of [4][n_tensors] doubles that receive each tensor's grad norm, update norm\n"
-        "(new minus old param), old param norm and update norm / param norm.");
+        "(new minus old param), old param norm and update norm / param norm. If averages is not\n"
+        "0, it is the address of n_tensors int64 addresses of averages, each lerped towards its\n"
+        "new param by average_weight after the update.");
   m.def("norm_powered_sum", &pyfused::norm_powered_sum, py::arg("dtype"), py::arg("n_tensors"),
         py::arg("numels"), py::arg("addresses"), py::arg("kind"), py::arg("p"), py::arg("threads"),
         "The p-th power of the global norm of n_tensors tensors (max |x| for kind 0, min |x| for\n"

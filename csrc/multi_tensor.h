@@ -24,6 +24,12 @@
 // j % kStatsLanes) and writes the lanes' sum, merged in order, to its own slot; a tensor's slots
 // are then added in chunk order. Like the global norm (csrc/norm.h), the result depends on neither
 // the thread count nor the instruction set's vector width.
+//
+// Weight averaging (table.averages set; a template flag too): once the update has computed a
+// new param, its average is lerped towards the param as stored, by table.average_weight, as
+// AveragedModel.update_parameters would after the step (torch._foreach_lerp_, rounded as
+// lerp() in csrc/optimizers.h rounds it), without reading the param again. Not an update role:
+// every update gets it the same way.
 #pragma once
 
 #include <algorithm>
@@ -39,6 +45,13 @@
 #include "dtypes.h"
 #include "kernels.h"
 #include "thread_pool.h"
+
+namespace pyfused {
+namespace PYFUSED_ISA {
+template <class Op>
+inline Op lerp(Op self, Op end, Op weight);  // csrc/optimizers.h
+}  // namespace PYFUSED_ISA
+}  // namespace pyfused
 
 namespace pyfused {
 namespace PYFUSED_ISA {
@@ -65,6 +78,7 @@ void with_flags(F&& f, bool first, Rest... rest) {
 template <class Op>
 struct GradFactor {
   Op divisor = 1, multiplier = 1;
+  Op average_weight = 0;  // the weight averaging's lerp weight (table.averages), in opmath
 };
 
 // One element: loads it, applies the grad factor and the update, stores what the update writes.
@@ -75,8 +89,8 @@ struct Seen {
   Op grad, param, change;
 };
 
-template <class T, bool kUnscale, class Update, int R = Update::kRoles>
-inline Seen<OpMath<T>> update_element(const Update& update, T* const (&ptr)[R], int64_t j,
+template <class T, bool kUnscale, bool kAverage, class Update, int R = Update::kRoles>
+inline Seen<OpMath<T>> update_element(const Update& update, T* const (&ptr)[R], T* average, int64_t j,
                                       const typename Update::Scalars& scalars,
                                       const GradFactor<OpMath<T>>& factor) {
   using Op = OpMath<T>;
@@ -95,7 +109,9 @@ inline Seen<OpMath<T>> update_element(const Update& update, T* const (&ptr)[R], 
   }
   T stored;
   store(&stored, v[kParam]);
-  return {grad, old, load(&stored) - old};
+  const Op now = load(&stored);
+  if constexpr (kAverage) store(average + j, lerp(Op(load(average + j)), now, factor.average_weight));
+  return {grad, old, now - old};
 }
 
 constexpr int kStatsLanes = 16;
@@ -104,20 +120,21 @@ constexpr int kStats = 3;  // sums per tensor: grad^2, change^2, old param^2
 // `update` is taken by value: a local copy whose fields no store can alias, so GCC hoists them
 // and vectorizes the loop (by reference, several variants stayed scalar). With kTrack, `sums`
 // receives this span's kStats sums (in double, its lanes merged in order).
-template <class T, bool kUnscale, bool kTrack, class Update>
-inline void update_span(const Update update, T* const* base, int64_t offset, int64_t length,
+template <class T, bool kUnscale, bool kTrack, bool kAverage, class Update>
+inline void update_span(const Update update, T* const* base, T* average, int64_t offset, int64_t length,
                         const typename Update::Scalars& scalars, const GradFactor<OpMath<T>>& factor,
                         double* sums) {
   using Op = OpMath<T>;
   constexpr int R = Update::kRoles;
   T* ptr[R];
   for (int r = 0; r < R; ++r) ptr[r] = base[r] + offset;
+  if constexpr (kAverage) average += offset;
   // One expression per element; the compiler emits the vector body and the scalar tail from it,
   // and both round identically: -ffp-contract=off leaves the updates' explicit fma (mul_add in
   // csrc/optimizers.h) the only fused operation.
   if constexpr (!kTrack) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < length; ++j) update_element<T, kUnscale>(update, ptr, j, scalars, factor);
+    for (int64_t j = 0; j < length; ++j) update_element<T, kUnscale, kAverage>(update, ptr, average, j, scalars, factor);
   } else {
     Op lanes[kStats][kStatsLanes] = {};
     auto fold = [&](int l, const Seen<Op>& s) {
@@ -128,9 +145,9 @@ inline void update_span(const Update update, T* const* base, int64_t offset, int
     int64_t j = 0;
     for (; j + kStatsLanes <= length; j += kStatsLanes) {
 #pragma GCC ivdep
-      for (int l = 0; l < kStatsLanes; ++l) fold(l, update_element<T, kUnscale>(update, ptr, j + l, scalars, factor));
+      for (int l = 0; l < kStatsLanes; ++l) fold(l, update_element<T, kUnscale, kAverage>(update, ptr, average, j + l, scalars, factor));
     }
-    for (; j < length; ++j) fold(int(j % kStatsLanes), update_element<T, kUnscale>(update, ptr, j, scalars, factor));
+    for (; j < length; ++j) fold(int(j % kStatsLanes), update_element<T, kUnscale, kAverage>(update, ptr, average, j, scalars, factor));
     for (int k = 0; k < kStats; ++k) {
       double sum = 0;
       for (int l = 0; l < kStatsLanes; ++l) sum += double(lanes[k][l]);
@@ -268,12 +285,12 @@ inline void finish_stats(const TensorTable& table, const std::vector<int64_t>& f
 
 // One call for every tensor of the table, whatever its param group: the groups share one index
 // space and one pool of chunks; each piece of a tensor runs its group's Update.
-template <class Family, class T, bool kTrack>
+template <class Family, class T, bool kTrack, bool kAverage>
 void apply_groups(const TensorTable& table, const double* hypers) {
   using Op = OpMath<T>;
   const int64_t n = table.n_tensors;
   if (n == 0) return;
-  const GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier)};
+  const GradFactor<Op> factor{Op(table.grad_divisor), Op(table.grad_multiplier), Op(table.average_weight)};
   using Span = std::function<void(int64_t tensor, int64_t begin, int64_t end, double* sums)>;
   int roles = -1;  // checked before any step counter moves
   for_each_group<Family, T>(table, hypers, [&](int64_t, int64_t, const auto& update) {
@@ -292,10 +309,11 @@ void apply_groups(const TensorTable& table, const double* hypers) {
                      int64_t i, int64_t begin, int64_t end, double* sums) {
       T* base[R];
       for (int r = 0; r < R; ++r) base[r] = reinterpret_cast<T*>(table.addresses[r * n + i]);
+      T* average = kAverage ? reinterpret_cast<T*>(table.averages[i]) : nullptr;
       if (table.store_grads) {
-        update_span<T, true, kTrack>(update, base, begin, end - begin, scalars[i - lo], factor, sums);
+        update_span<T, true, kTrack, kAverage>(update, base, average, begin, end - begin, scalars[i - lo], factor, sums);
       } else {
-        update_span<T, false, kTrack>(update, base, begin, end - begin, scalars[i - lo], factor, sums);
+        update_span<T, false, kTrack, kAverage>(update, base, average, begin, end - begin, scalars[i - lo], factor, sums);
       }
     };
   });
@@ -317,11 +335,8 @@ void apply_groups(const TensorTable& table, const double* hypers) {
 
 template <class Family, class T>
 void multi_tensor_apply(const TensorTable& table, const double* hypers) {
-  if (table.stats != nullptr) {
-    apply_groups<Family, T, true>(table, hypers);
-  } else {
-    apply_groups<Family, T, false>(table, hypers);
-  }
+  with_flags([&](auto track, auto average) { apply_groups<Family, T, track, average>(table, hypers); },
+             table.stats != nullptr, table.averages != nullptr);
 }
 
 }  // namespace PYFUSED_ISA

@@ -14,7 +14,11 @@ never changes the kernel. Layout of the two int64 buffers (pyfused/_triton.py bu
   partials float64 [C][3], written when STATS (step statistics, pyfused/optim/stats.py): each
            chunk's sums of squares of the grad the update saw, of the change (new param as
            stored minus old) and of the old param, from the values the update holds anyway;
-           stats_kernel adds each tensor's in chunk order.
+           stats_kernel adds each tensor's in chunk order;
+  averages int64 [n] addresses and weight (0-d float64), read when AVERAGE (average= of the
+           optimizers, pyfused/optim/swa_utils.py): after the update, each tensor's average is
+           lerped towards the new param as stored, as AveragedModel.update_parameters would after
+           the step, without loading the param again.
 
 With capturable=True nothing comes from the host during a step, so a CUDA graph can replay it:
 step counters live on the device, capturable_prologue_kernel advances them and writes lr and
@@ -93,10 +97,11 @@ def _chunk(chunks, first_chunk, numels, CHUNK: tl.constexpr, ALIGNED: tl.constex
 @triton.jit
 def _update_block(
     param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, index, end, hyper, scalars, factors,
-    grad_sum, change_sum, param_sum,
+    grad_sum, change_sum, param_sum, avg_ptr, weight,
     OPTIMIZER: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr, STATES: tl.constexpr,
     AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FACTORED: tl.constexpr,
-    STORE_GRAD: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    STORE_GRAD: tl.constexpr, STATS: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """Updates one block; with STATS, adds its squares of the grad, the change and the old param
     to the per-lane sums it returns (unchanged otherwise)."""
@@ -140,8 +145,13 @@ def _update_block(
         _store(s1_ptr + index, s1, mask, BF16, MASKED)
     if STATES > 2:
         _store(s2_ptr + index, s2, mask, BF16, MASKED)
+    if STATS or AVERAGE:
+        now = _widen(_narrow(p, BF16, param_ptr.dtype.element_ty), BF16, OP)  # the param as stored
+    if AVERAGE:
+        average = _load(avg_ptr + index, mask, BF16, OP, MASKED)
+        _store(avg_ptr + index, optimizers._lerp(average, now, weight), mask, BF16, MASKED)
     if STATS:
-        change = _widen(_narrow(p, BF16, param_ptr.dtype.element_ty), BF16, OP) - old
+        change = now - old
         if MASKED:  # an update of zeros need not be zero
             change = tl.where(mask, change, 0.0)
         change_sum += change * change
@@ -178,12 +188,12 @@ def capturable_prologue_kernel(
 
 @triton.jit
 def optimizer_kernel(
-    tables, uploads, factors, skip, partials, n_tensors, n_groups, first_chunk,
+    tables, uploads, factors, skip, partials, averages, average_weight, n_tensors, n_groups, first_chunk,
     OPTIMIZER: tl.constexpr, STORAGE: tl.constexpr, BF16: tl.constexpr, OP: tl.constexpr,
     STATES: tl.constexpr, N_HYPER: tl.constexpr, K: tl.constexpr,
     AMSGRAD: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     FACTORED: tl.constexpr, STORE_GRAD: tl.constexpr, SKIP: tl.constexpr, STATS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    AVERAGE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     if SKIP:  # GradScaler found inf or NaN: nothing moves
         if tl.load(skip) != 0:
@@ -201,6 +211,11 @@ def optimizer_kernel(
         s1_ptr = _address(tables + 3 * n_tensors, t, STORAGE, ALIGNED)
     if STATES > 2:
         s2_ptr = _address(tables + 4 * n_tensors, t, STORAGE, ALIGNED)
+    avg_ptr = param_ptr  # never loaded or stored without AVERAGE
+    weight = 0.0
+    if AVERAGE:
+        avg_ptr = _address(averages, t, STORAGE, ALIGNED)
+        weight = tl.load(average_weight).to(OP)
     group = tl.load(tables + (2 + STATES) * n_tensors + t)
     hyper = uploads + n_tensors + group * N_HYPER
     scalars = uploads + n_tensors + n_groups * N_HYPER + t * K
@@ -216,13 +231,13 @@ def optimizer_kernel(
             offset = tl.multiple_of(offset, BLOCK)
         grad_sum, change_sum, param_sum = _update_block(
             param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, offset + tl.arange(0, BLOCK), end, hyper, scalars,
-            factors, grad_sum, change_sum, param_sum, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED,
-            FACTORED, STORE_GRAD, STATS, BLOCK, MASKED=False)
+            factors, grad_sum, change_sum, param_sum, avg_ptr, weight, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
+            MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS, AVERAGE, BLOCK, MASKED=False)
     if full_end < end:
         grad_sum, change_sum, param_sum = _update_block(
             param_ptr, grad_ptr, s0_ptr, s1_ptr, s2_ptr, full_end + tl.arange(0, BLOCK), end, hyper, scalars,
-            factors, grad_sum, change_sum, param_sum, OPTIMIZER, BF16, OP, STATES, AMSGRAD, MOMENTUM, CENTERED,
-            FACTORED, STORE_GRAD, STATS, BLOCK, MASKED=True)
+            factors, grad_sum, change_sum, param_sum, avg_ptr, weight, OPTIMIZER, BF16, OP, STATES, AMSGRAD,
+            MOMENTUM, CENTERED, FACTORED, STORE_GRAD, STATS, AVERAGE, BLOCK, MASKED=True)
     if STATS:  # the lanes' sums in float64, by a fixed tree
         row = partials + 3 * (first_chunk + tl.program_id(0).to(tl.int64))
         tl.store(row, tl.sum(grad_sum.to(tl.float64), 0))

@@ -30,10 +30,11 @@ def _hypers(kernel: str, bucket, hypers) -> int:
     return hypers.buffer_info()[0]
 
 
-def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None:
+def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None, average=None) -> None:
     """One call updates every tensor of the bucket, on torch.get_num_threads() threads. stats:
     None, or a [4, bucket.n] float64 tensor that receives each tensor's step statistics
-    (pyfused/optim/stats.py)."""
+    (pyfused/optim/stats.py). average: None, or (addresses, weight): each param's average
+    (array('q'), the bucket's order) is lerped towards the new param by weight."""
     _C.optimizer_step(
         OPTIMIZERS[kernel],
         bucket.dtype_code,
@@ -51,6 +52,8 @@ def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None
         grad_factor.multiplier_value,
         grad_factor.store_grads,
         0 if stats is None else stats.data_ptr(),
+        0 if average is None else average[0].buffer_info()[0],
+        0.0 if average is None else average[1],
     )
 
 

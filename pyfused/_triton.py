@@ -87,24 +87,42 @@ def _stats_rows(bucket):
     return rows
 
 
+def _average_tables(bucket, average):
+    """average= (swa_utils._StepAverage): the averages' addresses on the device (rebuilt when
+    they move) and the weight as a 0-d float64 device tensor (a new value never recompiles)."""
+    addresses, weight = average
+    cached = bucket.__dict__.get("triton_averages")
+    if cached is None or cached[0] != addresses:
+        table = torch.frombuffer(array.array("q", addresses), dtype=torch.int64).to(bucket.device)
+        cached = bucket.triton_averages = (array.array("q", addresses), table, [None, None])
+    if cached[2][0] != weight:
+        cached[2][:] = [weight, torch.tensor(weight, dtype=torch.float64, device=bucket.device)]
+    return cached[1], cached[2][1], functools.reduce(operator.or_, addresses, 0) % 16 == 0
+
+
 def _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, skip,
-                   stats=None):
-    """stats: None, or the [4, n] float64 table for the step statistics (pyfused/optim/stats.py)."""
+                   stats=None, average=None):
+    """stats: None, or the [4, n] float64 table for the step statistics (pyfused/optim/stats.py);
+    average: None, or (addresses, weight) of average= (pyfused/optim/swa_utils.py)."""
     types, multi_tensor, optimizers, _ = _kernels()
+    averages = weight = uploads
+    if average is not None:
+        averages, weight, average_aligned = _average_tables(bucket, average)
+        aligned = aligned and average_aligned
     storage, op = types[bucket.dtype_code]
     factors = grad_factor.on_device(bucket.device) if grad_factor.active else uploads
     n_hyper = _cpp.HYPER_SIZES[kernel]
     partials = uploads if stats is None else torch.empty(3 * n_chunks, dtype=torch.float64, device=bucket.device)
     for first in range(0, n_chunks, _MAX_PROGRAMS):
         multi_tensor.optimizer_kernel[(min(n_chunks - first, _MAX_PROGRAMS),)](
-            tables, uploads, factors, uploads if skip is None else skip, partials, bucket.n, len(bucket.group_ends),
-            first, OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
+            tables, uploads, factors, uploads if skip is None else skip, partials, averages, weight, bucket.n,
+            len(bucket.group_ends), first, OPTIMIZER=_OPTIMIZERS[kernel], STORAGE=storage, BF16=bucket.dtype_code == 3, OP=op,
             STATES=n_states, N_HYPER=n_hyper, K=_cpp._C.scalars_per_tensor(_OPTIMIZERS[kernel]),
             # The groups of a launch share their state layout: the first group's flags are all's.
             **{"AMSGRAD": False, "MOMENTUM": False, "CENTERED": False,
                **optimizers.mode(kernel, tuple(hypers[:n_hyper]))},
             FACTORED=grad_factor.active, STORE_GRAD=grad_factor.store_grads, SKIP=skip is not None,
-            STATS=stats is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
+            STATS=stats is not None, AVERAGE=average is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, ALIGNED=aligned,
             enable_fp_fusion=False,  # the only FMAs: the explicit ones, as in the C++ FMA builds
         )
     if stats is not None:
@@ -159,9 +177,9 @@ def capturable_step(kernel: str, bucket, hyper, grad_factor, lr, found_inf, stat
                    stats)
 
 
-def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None:
+def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None, average=None) -> None:
     """hypers: array('d'), the Hyper of each of the bucket's param groups in turn; stats: None,
-    or the [4, n] float64 table for the step statistics."""
+    or the [4, n] float64 table for the step statistics; average: None, or (addresses, weight)."""
     cached = bucket.__dict__.get("triton_tables")
     if cached is None:
         cached = bucket.triton_tables = _device_tables(bucket)
@@ -179,7 +197,8 @@ def optimizer_step(kernel: str, bucket, hypers, grad_factor, stats=None) -> None
     uploads = host.to(bucket.device, non_blocking=True) if on_cuda else host
     aligned = aligned and functools.reduce(operator.or_, grads, 0) % 16 == 0
 
-    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, None, stats)
+    _launch_update(bucket, kernel, tables, uploads, n_chunks, n_states, aligned, hypers, grad_factor, None, stats,
+                   average)
 
 
 # Batch normalization (kernels/batchnorm.py): the same entry points as pyfused/_cpp.py's, on

@@ -63,9 +63,9 @@ def calls(monkeypatch):
     """(dtype code, tensors) of each call into the C++ entry point."""
     seen, real = [], _cpp.optimizer_step
 
-    def counting(kernel, bucket, hypers, factor, stats=None):
+    def counting(kernel, bucket, hypers, factor, stats=None, average=None):
         seen.append((bucket.dtype_code, bucket.n))
-        return real(kernel, bucket, hypers, factor, stats)
+        return real(kernel, bucket, hypers, factor, stats, average)
 
     monkeypatch.setattr(_cpp, "optimizer_step", counting)
     return seen

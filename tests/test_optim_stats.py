@@ -207,9 +207,9 @@ def test_absent_when_off(monkeypatch):
     seen = []
     step = _cpp.optimizer_step
 
-    def spy(kernel, bucket, hypers, factor, stats=None):
+    def spy(kernel, bucket, hypers, factor, stats=None, average=None):
         seen.append(stats)
-        step(kernel, bucket, hypers, factor, stats)
+        step(kernel, bucket, hypers, factor, stats, average)
 
     monkeypatch.setattr(_cpp, "optimizer_step", spy)
     for name in CONFIGS:

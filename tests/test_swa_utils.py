@@ -373,3 +373,209 @@ def test_walks_the_tensors_torch_walks():
         assert P._members(m, "_parameters") == list(m.parameters())
         assert P._members(m, "_buffers") == list(m.buffers())
     assert len(P._members(model, "_parameters")) == 6  # the shared Linear and the tied weight once
+
+
+# average= of the optimizers: the step lerps the averages in its kernel pass (swa_utils._StepAverage).
+OPTIMIZERS = {
+    "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "Adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01),
+    "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01),
+    "Adam": dict(lr=1e-3, weight_decay=0.1, amsgrad=True),
+    "AdamW": dict(lr=1e-3, weight_decay=0.1),
+    "Adadelta": dict(lr=1.0, weight_decay=0.01),
+}
+STEP_FNS = {  # decay 0.9: weight 0.1 (lerp's first formula); SWA's first weight 1/2 (the other)
+    "ema0.999": FNS["ema0.999"],
+    "ema0.9": (lambda: T.get_ema_multi_avg_fn(0.9), lambda: P.get_ema_multi_avg_fn(0.9)),
+    "swa": FNS["swa"],
+}
+
+
+class StepNet(nn.Module):
+    """Odd sizes in two param groups (the second with 10x the lr), and a buffer the average copies."""
+
+    def __init__(self, dtype, sizes=SIZES):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.flat = nn.ParameterList([nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in sizes])
+        self.transposed = nn.Parameter(torch.randn(13, 5, generator=gen).to(dtype).t())
+        self.register_buffer("running", torch.randn(33, generator=gen).to(dtype))
+
+    def groups(self, lr):
+        params = list(self.parameters())
+        return [dict(params=params[:2]), dict(params=params[2:], lr=lr * 10)]
+
+
+def step_pair(name, fn, dtype, steps=20, seed=2, fused_options=None, between=None):
+    """Two copies of a model stepped alike: one with average= (fused), one stepped and then
+    averaged by torch's AveragedModel.update_parameters. Returns both models and averages."""
+    make_theirs, make_ours = STEP_FNS[fn] if fn in STEP_FNS else FNS[fn]
+    kwargs = OPTIMIZERS[name]
+    fused_model, plain_model = StepNet(dtype), StepNet(dtype)
+    ours = P.AveragedModel(fused_model, multi_avg_fn=make_ours())
+    ours.calls = 0  # update_parameters calls: 0 where the step's kernels average
+    update = ours.update_parameters
+
+    def counted(model):
+        ours.calls += 1
+        update(model)
+
+    ours.update_parameters = counted
+    theirs = T.AveragedModel(plain_model, multi_avg_fn=make_theirs())
+    fused_opt = getattr(pyfused.optim, name)(fused_model.groups(kwargs["lr"]), **kwargs, average=ours,
+                                             **(fused_options or {}))
+    plain_opt = getattr(pyfused.optim, name)(plain_model.groups(kwargs["lr"]), **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in plain_model.parameters()]
+        for model in (fused_model, plain_model):
+            for p, g in zip(model.parameters(), grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # flat=True keeps its grads as views of the arena
+            model.running.add_(0.5)
+        fused_opt.step()
+        plain_opt.step()
+        theirs.update_parameters(plain_model)
+        if between is not None:
+            between(k, fused_opt, ours)
+    return (fused_model, ours, fused_opt), (plain_model, theirs)
+
+
+def assert_step_average(fused, plain, steps=20):
+    (fused_model, ours, _), (plain_model, theirs) = fused, plain
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)  # the same kernel stepped both
+    # Bit for bit, every dtype: the kernel lerps the param as stored (the value torch's lerp reads)
+    # with lerp() of csrc/optimizers.h, which rounds as torch's CPU lerp on an FMA machine (one fma
+    # in opmath, then one rounding to the storage type); fp32 is therefore exact, not within an ulp.
+    assert_same(theirs, ours)
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("fn", list(STEP_FNS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_average_is_step_then_update_parameters(name, fn, dtype):
+    fused, plain = step_pair(name, fn, dtype)
+    assert_step_average(fused, plain)
+    assert fused[1].calls == 0  # fused: update_parameters never ran
+
+
+@pytest.mark.parametrize("options", [dict(flat=True), dict(track_stats=True), dict(flat=True, track_stats=True)],
+                         ids=["flat", "stats", "flat-stats"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_step_average_with_flat_and_stats(name, options):
+    fused, plain = step_pair(name, "ema0.9", torch.float32, fused_options=options)
+    assert_step_average(fused, plain)
+    assert fused[1].calls == 0
+    if options.get("track_stats"):
+        assert len(fused[2].stats) == len(list(fused[0].parameters()))
+
+
+@pytest.mark.parametrize("fn", ["default", "custom"])
+def test_step_average_falls_back_to_update_parameters(fn):
+    """The default on CPU divides (torch's get_swa_avg_fn), and a custom function is the user's:
+    the step calls update_parameters after the update, with the same result."""
+    custom = lambda a, m, n: torch._foreach_lerp_(a, m, 0.25)  # noqa: E731
+    if fn == "custom":
+        FNS["custom"] = (lambda: custom, lambda: custom)
+    try:
+        fused, plain = step_pair("Adam", fn, torch.float32, steps=6)
+    finally:
+        FNS.pop("custom", None)
+    assert_step_average(fused, plain, steps=6)
+    # update_parameters ran after each step; for the default but the first, a copy the kernels make
+    assert fused[1].calls == (5 if fn == "default" else 6)
+
+
+def test_step_average_with_a_param_without_grad_and_use_buffers():
+    """A param without a grad is averaged all the same (update_parameters would), and
+    use_buffers=True averages the buffers: both take update_parameters after the step."""
+    for use_buffers in (False, True):
+        models = [StepNet(torch.float32) for _ in range(2)]
+        ours = P.AveragedModel(models[0], multi_avg_fn=P.get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+        theirs = T.AveragedModel(models[1], multi_avg_fn=T.get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+        opts = [pyfused.optim.Adam(models[0].parameters(), lr=0.1, average=ours),
+                pyfused.optim.Adam(models[1].parameters(), lr=0.1)]
+        for k in range(5):
+            for model in models:
+                for i, p in enumerate(model.parameters()):
+                    p.grad = None if (i == 2 and k % 2) else torch.full_like(p, 0.1 * (k + i))
+                model.running.mul_(0.9)
+            for opt in opts:
+                opt.step()
+            theirs.update_parameters(models[1])
+        assert_same(theirs, ours)
+        assert int(ours.n_averaged) == 5
+
+
+def test_step_average_after_a_skipped_gradscaler_step():
+    model = StepNet(torch.float32)
+    ours = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(0.9))
+    opt = pyfused.optim.Adam(model.parameters(), lr=0.1, average=ours)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(4):
+        for p in model.parameters():
+            p.grad = scaler.scale(torch.randn(p.shape, generator=gen))
+        if k == 2:
+            model.flat[3].grad[100] = float("inf")
+            before = copy.deepcopy(ours.state_dict())
+        scaler.step(opt)
+        scaler.update()
+        if k == 2:
+            after = ours.state_dict()
+            assert all(torch.equal(before[key], after[key]) for key in before)
+            assert int(ours.n_averaged) == 2
+    assert int(ours.n_averaged) == 3
+
+
+def test_step_average_errors():
+    model = StepNet(torch.float32)
+    with pytest.raises(TypeError, match="pyfused.optim.swa_utils.AveragedModel"):
+        pyfused.optim.SGD(model.parameters(), lr=0.1, average=T.AveragedModel(model))
+    averaged = P.AveragedModel(model)
+    with pytest.raises(ValueError, match="exactly the optimizer's params: the optimizer has 4, .* model 5"):
+        pyfused.optim.SGD(list(model.parameters())[1:], lr=0.1, average=averaged)
+    with pytest.raises(ValueError, match="exactly the optimizer's params"):
+        pyfused.optim.SGD(list(model.parameters()) + [nn.Parameter(torch.ones(3))], lr=0.1, average=averaged)
+    with pytest.raises(TypeError, match="param 0: the average is torch.float64, the param torch.float32"):
+        pyfused.optim.SGD(model.parameters(), lr=0.1, average=P.AveragedModel(model).double())
+    with pytest.raises(ValueError, match=r"meta\) is not laid out as the param"):
+        pyfused.optim.SGD(model.parameters(), lr=0.1, average=P.AveragedModel(model, device="meta"))
+    moved = P.AveragedModel(model)
+    moved.module.transposed.data = moved.module.transposed.data.contiguous()
+    with pytest.raises(ValueError, match="strides"):
+        pyfused.optim.SGD(model.parameters(), lr=0.1, average=moved)
+    # An average in the param's own memory: refused at the step, before anything moves.
+    shared = P.AveragedModel(model)
+    shared.module.flat[3].data = model.flat[3].data
+    opt = pyfused.optim.SGD(model.parameters(), lr=0.1, average=shared)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="shares memory with a param or state tensor"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert int(shared.n_averaged) == 0
+
+
+def test_step_average_on_torchs_backend_is_update_parameters():
+    """PYFUSED_BACKEND=torch: torch's step, then update_parameters; a skipped step skips both."""
+    models = [StepNet(torch.float32) for _ in range(2)]
+    ours = P.AveragedModel(models[0], multi_avg_fn=P.get_ema_multi_avg_fn(0.9))
+    theirs = T.AveragedModel(models[1], multi_avg_fn=T.get_ema_multi_avg_fn(0.9))
+    opts = [pyfused.optim.SGD(models[0].parameters(), lr=0.1, average=ours),
+            torch.optim.SGD(models[1].parameters(), lr=0.1, foreach=False)]
+    with pyfused.use_backend("torch"):
+        for k in range(3):
+            for model, opt in zip(models, opts):
+                for p in model.parameters():
+                    p.grad = torch.full_like(p, 0.1 * k)
+                opt.step()
+            theirs.update_parameters(models[1])
+        opts[0].found_inf = torch.ones(())
+        opts[0].step()
+    assert_same(theirs, ours)

@@ -544,7 +544,7 @@ class FusedOptimizer:
     # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, *args, flat=False, track_stats=False, **kwargs):
+    def __init__(self, params, *args, flat=False, track_stats=False, average=None, **kwargs):
         """torch's constructor, and pyfused's own options (keyword-only):
 
         flat: moves the params into contiguous arenas, one per (device, dtype), with their grads
@@ -555,11 +555,25 @@ class FusedOptimizer:
             norm, param norm and update/param ratio, computed in the step's kernel pass (see
             pyfused/optim/stats.py). Off, nothing is computed and there is no `stats` attribute.
             With flat=True the steps then take the per-param tables (statistics are per param).
+        average: a pyfused.optim.swa_utils.AveragedModel of the model whose params these are; each
+            step then also updates it, as average.update_parameters(model) after the step would,
+            inside the step's kernel pass where it can (pyfused/optim/swa_utils.py, _StepAverage).
+            Not with capturable=True. With flat=True the steps take the per-param tables.
         """
         self._pyfused_track_stats = bool(track_stats)
         if track_stats:
             self.stats = StepStats()
         super().__init__(params, *args, **kwargs)
+        self._pyfused_average = None
+        if average is not None:
+            from pyfused.optim.swa_utils import _StepAverage
+
+            name = f"pyfused.optim.{type(self).__name__}"
+            if any(g.get("capturable") for g in self.param_groups):
+                raise ValueError(f"{name}: average= does not support capturable=True (the average's count "
+                                 "and weight live on the host)")
+            self._pyfused_average = _StepAverage(
+                average, name, list(itertools.chain.from_iterable(map(_params_of, self.param_groups))))
         if flat:
             from pyfused.optim import _arena
 
@@ -578,6 +592,8 @@ class FusedOptimizer:
             refusal = f"{name} does not support `differentiable`; use torch.optim for that"
         elif group.get("capturable") and not interpreted and any(p.device.type != "cuda" for p in group["params"]):
             refusal = f"{name} supports capturable=True only for CUDA params"
+        elif group.get("capturable") and self.__dict__.get("_pyfused_average") is not None:
+            refusal = f"{name}: average= does not support capturable=True"
         if refusal:
             self.param_groups.pop()
             raise RuntimeError(refusal)
@@ -617,8 +633,10 @@ class FusedOptimizer:
         stats = None
         if self.__dict__.get("_pyfused_track_stats"):  # a step that steps nothing leaves it empty
             stats = self.stats = StepStats()
+        average = self.__dict__.get("_pyfused_average")
         if _backend.forced_backend() == "torch":
             self._torch_step(factor, found_inf)
+            self._torch_average(average, found_inf)
             return loss
         # Everything is checked before any tensor changes.
         groups = self.param_groups
@@ -626,7 +644,9 @@ class FusedOptimizer:
         grads = list(map(_grad_of, params))
         keys = list(map(self._state_keys, groups))
         arena = self.__dict__.get("_pyfused_arena")
-        if arena is not None and stats is None and arena.ready(self, groups, params, grads, keys):
+        if average is not None:
+            average.pair(params)  # checked before anything changes
+        if arena is not None and stats is None and average is None and arena.ready(self, groups, params, grads, keys):
             plan, buckets = None, arena.spans  # flat=True, nothing changed: a few long spans
         else:
             plan = self.__dict__.get("_pyfused_plan")
@@ -635,6 +655,7 @@ class FusedOptimizer:
                 plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
             if plan.uses_torch:
                 self._torch_step(factor, found_inf)
+                self._torch_average(average, found_inf)
                 return loss
             _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
             buckets = plan.buckets
@@ -647,9 +668,19 @@ class FusedOptimizer:
                 return loss
             found_inf = None
         values = [hyper for hyper, _ in hypers]
+        # The kernels average only where update_parameters would lerp every param (_StepAverage).
+        fused = average is not None and all(map(operator.is_not, grads, itertools.repeat(None)))
+        runs = []
         for bucket in buckets:
+            weight = None if average is None else average.fused_weight(bucket.device, fused)
+            fused = fused and weight is not None
+            runs.append((bucket, average.addresses(bucket) if fused else None, weight))
+        for bucket, addresses, weight in runs:
             table = None if stats is None else stats.new_table(bucket.params, bucket.device)
-            _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf, table)
+            lerp = (addresses, weight) if fused else None
+            _run(self._kernel, bucket, values, factor, hypers[bucket.groups[0]][1], found_inf, table, lerp)
+        if average is not None:
+            average.finish(fused)
         if plan is None:
             arena.advanced()
         else:
@@ -657,6 +688,12 @@ class FusedOptimizer:
             if arena is not None:
                 arena.rebuild(self, groups, params, grads, keys)
         return loss
+
+    @staticmethod
+    def _torch_average(average, found_inf):
+        """average= after torch's step: update_parameters, unless GradScaler skipped the step."""
+        if average is not None and (found_inf is None or float(found_inf) == 0):
+            average.finish(False)
 
     def _all_scalars(self, groups, dtensor):
         """Every group's _scalars(). When every value is a plain Python number and no group is
@@ -754,18 +791,19 @@ class FusedOptimizer:
         raise NotImplementedError
 
 
-def _run(kernel, bucket, hypers, factor, lr, found_inf, stats=None):
+def _run(kernel, bucket, hypers, factor, lr, found_inf, stats=None, average=None):
     """One kernel call for the bucket; hypers: every param group's scalars; lr: the bucket's own
     group's lr when it is capturable (a capturable bucket holds one group); stats: None, or the
-    [4, n] table that receives the bucket's step statistics."""
+    [4, n] table that receives the bucket's step statistics; average: None, or (addresses,
+    weight), the averages lerped towards the new params (swa_utils._StepAverage)."""
     if _backend.backend_for(bucket.device) == "cpp":
         if found_inf is not None and float(found_inf) != 0:  # a host tensor: no sync
             return
-        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
+        _cpp.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats, average)
     else:
         from pyfused import _triton  # imports triton: only once a step needs it
 
         if bucket.capturable:
             _triton.capturable_step(kernel, bucket, bucket.hypers(hypers), factor, lr, found_inf, stats)
         else:
-            _triton.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats)
+            _triton.optimizer_step(kernel, bucket, bucket.hypers(hypers), factor, stats, average)

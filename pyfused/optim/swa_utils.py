@@ -17,6 +17,12 @@ copies, and pairs the kernels cannot take (integer buffers, dtypes or devices th
 the average and the model, tensors that are not dense, devices without pyfused kernels) go through
 torch's code for their group, so they too end as torch leaves them.
 
+Fused into the step: pyfused.optim.X(params, ..., average=averaged_model) lerps each average
+towards its new param inside the step's kernel pass (csrc/multi_tensor.h, kernels/multi_tensor.py),
+as update_parameters(model) after the step would (_StepAverage below): same results, same
+n_averaged, nothing moved by a step GradScaler skips. Where the kernels cannot do what
+update_parameters would (see _StepAverage.fused_weight), the step calls update_parameters itself.
+
 SWALR, update_bn, get_ema_avg_fn and get_swa_avg_fn are torch's own, re-exported so that code can
 import everything it used from torch.optim.swa_utils from here.
 """
@@ -27,6 +33,7 @@ import array
 import itertools
 import operator
 import struct
+import weakref
 
 import torch
 from torch.optim import swa_utils as _torch_swa
@@ -195,6 +202,7 @@ class AveragedModel(_torch_swa.AveragedModel):
     def __init__(self, model, device=None, avg_fn=None, multi_avg_fn=None, use_buffers=False, *,
                  bias_correction=False):
         super().__init__(model, device, avg_fn, multi_avg_fn, use_buffers)
+        self._source = weakref.ref(model)  # the model an optimizer's average= averages from
         self.bias_correction = bias_correction
         self._first = None  # name -> the first update's tensor, with bias_correction
         self._plan = None
@@ -303,6 +311,125 @@ class AveragedModel(_torch_swa.AveragedModel):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         self._first = None
         return super().load_state_dict(state_dict, strict, assign)
+
+    def __getstate__(self):  # a weak reference does not pickle; an unpickled copy has no model
+        state = dict(self.__dict__)
+        state["_source"] = lambda: None
+        return state
+
+
+def _lerp_weight(fn, device, n):
+    """The lerp weight update_parameters uses at count n > 0, or None where it does not lerp."""
+    if fn is None and device.type not in _get_foreach_kernels_supported_devices():
+        return None  # torch's get_swa_avg_fn: a division, tensor by tensor
+    return (fn or _SWA).weight(n)
+
+
+class _StepAverage:
+    """average= of a pyfused optimizer: the AveragedModel's parameters paired with the
+    optimizer's params (through the model the AveragedModel was built from), their addresses
+    for the kernels, and what update_parameters does besides averaging the params.
+
+    The step fuses the average when update_parameters would lerp every param: multi_avg_fn is
+    get_ema_multi_avg_fn or get_swa_multi_avg_fn, or None on a device with foreach kernels (CUDA);
+    use_buffers=False (the buffers are then copied from the model after the step, as torch
+    does); every param has a grad (a param without one is averaged all the same by
+    update_parameters); bias_correction is off or past its first update. Otherwise (a custom
+    avg_fn or multi_avg_fn, the default on CPU, which divides, use_buffers=True, whose buffers
+    are averaged too) the step calls update_parameters(model) after the update: the same
+    result, in a second pass."""
+
+    def __init__(self, averaged, name, params):
+        if not isinstance(averaged, AveragedModel):
+            raise TypeError(f"{name}: average= takes a pyfused.optim.swa_utils.AveragedModel, got "
+                            f"{type(averaged).__module__}.{type(averaged).__qualname__}")
+        self.averaged = averaged
+        self.name = name
+        self.params = None
+        self.pair(params)
+
+    @property
+    def model(self):
+        model = self.averaged._source()
+        if model is None:
+            raise RuntimeError(f"{self.name}: the model the AveragedModel of average= was built from is gone")
+        return model
+
+    def pair(self, params):
+        """The average of each param (the optimizer's, group by group), checked like state."""
+        if self.params is not None and len(params) == len(self.params) and all(map(operator.is_, params, self.params)):
+            return self.averages
+        model_params = list(self.model.parameters())
+        averages = list(self.averaged.module.parameters())
+        index = {id(p): i for i, p in enumerate(model_params)}
+        if len(averages) != len(model_params) or len(params) != len(model_params) or not all(
+                id(p) in index for p in params):
+            raise ValueError(
+                f"{self.name}: average= must average exactly the optimizer's params: the optimizer has "
+                f"{len(params)}, the AveragedModel's model {len(model_params)} and its copy {len(averages)}, "
+                f"{sum(id(p) not in index for p in params)} of the optimizer's not in the model")
+        paired = [averages[index[id(p)]] for p in params]
+        for k, (p, a) in enumerate(zip(params, paired)):
+            where = f"{self.name}: average= param {k}"
+            if a.dtype != p.dtype:
+                raise TypeError(f"{where}: the average is {a.dtype}, the param {p.dtype}")
+            if a.shape != p.shape or a.device != p.device or a.stride() != p.stride():
+                raise ValueError(
+                    f"{where}: the average ({tuple(a.shape)}, strides {a.stride()}, {a.device}) is not laid out "
+                    f"as the param ({tuple(p.shape)}, strides {p.stride()}, {p.device}); the kernels need both alike")
+            reason = _unaddressable(a)
+            if reason is not None or type(a) not in _PLAIN or not _is_dense(a):
+                raise ValueError(f"{where}: the average {reason or 'is not a dense plain tensor'}; pyfused's "
+                                 "kernels need its memory")
+        self.params, self.averages = list(params), paired
+        return paired
+
+    def addresses(self, bucket):
+        """The averages of the bucket's tensors, in its order (array('q')), checked apart from
+        each other and from the bucket's params and state; kept on the bucket while unmoved."""
+        averages = [self.averages[i] for i in bucket.positions]
+        now = list(map(_data_ptr, averages))
+        cached = bucket.__dict__.get("average_addresses")
+        if cached is not None and cached[0] == now:
+            return cached[1]
+        n, element = bucket.n, averages[0].element_size() if averages else 1
+        numels = bucket.numels.tolist()
+        rows = [bucket.addresses[r * n:(r + 1) * n] for r in range(len(bucket.addresses) // max(n, 1)) if r != 1]
+        regions = [(a, a + e * element, 0) for row in rows for a, e in zip(row, numels)]
+        regions += [(a, a + e * element, 1) for a, e in zip(now, numels)]
+        pair = _overlapping_pair(regions)
+        if pair is not None:
+            raise RuntimeError(f"{self.name}: an average of average= shares memory with "
+                               f"{'another average' if pair[0][2] == pair[1][2] else 'a param or state tensor'}; "
+                               "pyfused updates each in place and needs them apart")
+        table = array.array("q", now)
+        bucket.average_addresses = (now, table)
+        return table
+
+    def fused_weight(self, device, all_stepped):
+        """The kernels' lerp weight for this step (1 for the first update: a copy), or None when
+        the step must call update_parameters instead (class docstring)."""
+        m = self.averaged
+        fn = m.multi_avg_fn
+        if m.avg_fn is not None or not (fn is None or isinstance(fn, _MultiAvgFn)) or m.use_buffers:
+            return None
+        if not all_stepped:
+            return None
+        n = int(m.n_averaged)
+        if n < 0 or (n == 0 and m.bias_correction):
+            return None
+        return 1.0 if n == 0 else _lerp_weight(fn, device, n)
+
+    def finish(self, fused):
+        """After a step that was not skipped: what update_parameters does besides the lerp, or
+        all of it if the kernels did not average (fused False)."""
+        m, model = self.averaged, self.model
+        if not fused:
+            m.update_parameters(model)
+            return
+        for b_swa, b_model in zip(m.module.buffers(), model.buffers(), strict=True):
+            b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+        m.n_averaged += 1
 
 
 _SWA = _Swa()

@@ -46,16 +46,16 @@ def variants():
                 yield kernel, hyper, mode
 
 
-def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False, stats=False):
+def compile_variant(kernel, hyper, mode, dtype, aligned, factored=False, stats=False, average=False):
     storage, op = STORAGE[dtype]
     optimizer = _triton._OPTIMIZERS[kernel]
     constants = dict(
         OPTIMIZER=optimizer, STORAGE=storage, BF16=dtype == "bf16", OP=op,
         STATES=STATES[kernel](mode), N_HYPER=len(hyper), K=_cpp._C.scalars_per_tensor(optimizer),
-        **mode, FACTORED=factored, STORE_GRAD=factored, SKIP=factored, STATS=stats, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
+        **mode, FACTORED=factored, STORE_GRAD=factored, SKIP=factored, STATS=stats, AVERAGE=average, CHUNK=_triton._COMPILED_CHUNK, BLOCK=_triton._COMPILED_BLOCK, ALIGNED=aligned,
     )
     signature = {"tables": "*i64", "uploads": "*i64", "factors": "*fp64", "skip": "*fp32", "partials": "*fp64",
-                 "n_tensors": "i32", "n_groups": "i32", "first_chunk": "i32"}
+                 "averages": "*i64", "average_weight": "*fp64", "n_tensors": "i32", "n_groups": "i32", "first_chunk": "i32"}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=multi_tensor.optimizer_kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=TARGET, options={"enable_fp_fusion": False, "num_warps": NUM_WARPS})
@@ -108,6 +108,19 @@ def test_every_variant_compiles_with_step_statistics(kernel, hyper, mode, dtype)
     assert len(re.findall(rf"\bfma\.rn\.{wanted}\b", ptx)) == fmas_per_element(kernel, mode) * per_thread * 2
     if dtype == "fp32":
         assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)
+
+
+@pytest.mark.parametrize("dtype", list(STORAGE))
+@pytest.mark.parametrize("kernel,hyper,mode", VARIANTS, ids=[f"{k}-{'-'.join(n for n, v in sorted(m.items()) if v) or 'plain'}" for k, _, m in VARIANTS])
+def test_every_variant_compiles_with_the_average(kernel, hyper, mode, dtype):
+    """AVERAGE=True (average=, with step statistics and the grad factor): one more fused
+    multiply-add per element, the average's lerp, and 128-bit words where aligned."""
+    ptx = compile_variant(kernel, hyper, mode, dtype, aligned=True, factored=True, stats=True, average=True).asm["ptx"]
+    wanted = "f64" if dtype == "fp64" else "f32"
+    per_thread = _triton._COMPILED_BLOCK // (32 * NUM_WARPS)
+    assert len(re.findall(rf"\bfma\.rn\.{wanted}\b", ptx)) == (fmas_per_element(kernel, mode) + 1) * per_thread * 2
+    if dtype == "fp32":
+        assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx)
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
