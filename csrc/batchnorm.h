@@ -217,16 +217,6 @@ inline void add_widened(Vec* acc, V v) {
   }
 }
 
-// The rows walk goes down a tile's rows at a stride of a whole row, which the hardware
-// prefetchers do not follow from memory: the next tile's rows are fetched while this one is
-// reduced (n of its columns; none past the row's end).
-template <class T>
-inline void prefetch_next_tile(const T* tile, int64_t rows, int64_t stride, int64_t w, int64_t width) {
-  const int64_t n = std::min<int64_t>(kTile, width - w - kTile);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < n; k += int64_t(64 / sizeof(T))) __builtin_prefetch(tile + kTile + r * stride + k);
-}
-
 // Rows walk: per column of a tile of n <= kTile columns, the sum over rows [0, rows) of
 // f(q, v...) (q: the tile's Wide register, v: that register of each input), folded as above.
 template <int kSums, class T, size_t kIn, class F>
@@ -265,6 +255,23 @@ inline void fold_tile_blocks(Tile (&acc)[kSums], const std::array<const T*, kIn>
   }
 }
 
+// A zeroed heap array of n register-aligned accumulators (trivial types of vector members);
+// std::vector's storage was not aligned for them (64 bytes) here.
+template <class A>
+class ZeroedArray {
+ public:
+  static_assert(std::is_trivial_v<A>, "zeroed bytes must be a valid A");
+  explicit ZeroedArray(int64_t n) : bytes_(size_t(n) * sizeof(A) + alignof(A), 0) {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(bytes_.data());
+    data_ = reinterpret_cast<A*>((at + alignof(A) - 1) & ~uintptr_t(alignof(A) - 1));
+  }
+  A& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::vector<unsigned char> bytes_;
+  A* data_;
+};
+
 // Planar walk: partition `item`'s S = sum x and M2 = sum (x - S / n)^2, into s1, s2.
 template <class T>
 void stats_partition(const BnShape& s, const Plan& p, const T* x, int64_t item, double* s1, double* s2) {
@@ -297,47 +304,65 @@ void partition_stats(const BnShape& s, const Plan& p, const T* x, double* s1, do
   if (p.planar) {
     parallel_items(s, p.size(s), [&](int64_t item) { stats_partition(s, p, x, item, s1, s2); });
   } else {
-    // A tile of columns at a time, its sums in registers; its rows are still in cache for the
-    // second pass.
+    // Row-major: a block of kBlock rows across every tile of columns, then the next block, so the
+    // rows are read in memory order, not a tile at a time down the rows at a stride of a whole
+    // row. Each tile's sums wait in memory between blocks; every column's terms are added in the
+    // same order as tile by tile. The partition's rows are still in cache for the second pass.
     using Op = OpMath<T>;
     constexpr int kQ = kWideRegisters<T>;
+    struct TileStats {
+      Tile sum[1], m2[1];
+      Wide<T> mean_op[kQ];  // the second pass's shift: the mean in opmath
+    };
+    const int64_t tiles = (W + kTile - 1) / kTile;
     parallel_items(s, p.n_a, [&](int64_t a) {
       const int64_t rows = p.rows(s, a);
       const T* base = x + a * p.rows_per_a * W;
-      for (int64_t w = 0; w < W; w += kTile) {
-        const int64_t n = std::min<int64_t>(kTile, W - w);
-        const T* tile = base + w;
-        prefetch_next_tile(tile, rows, W, w, W);
-        Wide<T> first[kQ], mean_op[kQ];  // the shifts: a block's first row, the mean in opmath
-        Tile sum[1] = {}, m2[1] = {};
-        for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-          for (int q = 0; q < kQ; ++q) first[q] = load_wide(tile + r0 * W + q * kWideLanes<T>, n - q * kWideLanes<T>);
+      ZeroedArray<TileStats> acc(tiles);
+      for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+        const int64_t k = std::min(kBlock, rows - r0);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t w = t * kTile, n = std::min<int64_t>(kTile, W - w);
+          const T* tile = base + r0 * W + w;
+          Wide<T> first[kQ];  // the block's shift: its first row
+          for (int q = 0; q < kQ; ++q) first[q] = load_wide(tile + q * kWideLanes<T>, n - q * kWideLanes<T>);
           Tile block[1] = {};
-          fold_tile_blocks(block, std::array<const T*, 1>{tile + r0 * W}, std::min(kBlock, rows - r0), W, n,
+          fold_tile_blocks(block, std::array<const T*, 1>{tile}, k, W, n,
                            [&](int q, Wide<T> v) { return std::array<Wide<T>, 1>{v - first[q]}; });
           Tile shift = {};
           for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), first[q]);
-          const double count = double(std::min(kBlock, rows - r0));
-          for (int r = 0; r < kTileRegisters; ++r) sum[0][r] += shift[r] * count + block[0][r];
+          for (int r = 0; r < kTileRegisters; ++r) acc[t].sum[0][r] += shift[r] * double(k) + block[0][r];
         }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
         Tile mean;
-        for (int r = 0; r < kTileRegisters; ++r) mean[r] = sum[0][r] / double(rows);
+        for (int r = 0; r < kTileRegisters; ++r) mean[r] = acc[t].sum[0][r] / double(rows);
 #pragma GCC unroll 64
         for (int col = 0; col < kTile; ++col)
-          mean_op[col / kWideLanes<T>][col % kWideLanes<T>] = Op(mean[col / kWidth][col % kWidth]);
-        fold_tile_blocks(m2, std::array<const T*, 1>{tile}, rows, W, n, [&](int q, Wide<T> v) {
-          const Wide<T> d = v - mean_op[q];
-          return std::array<Wide<T>, 1>{d * d};
-        });
+          acc[t].mean_op[col / kWideLanes<T>][col % kWideLanes<T>] = Op(mean[col / kWidth][col % kWidth]);
+      }
+      for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t w = t * kTile, n = std::min<int64_t>(kTile, W - w);
+          const Wide<T>* mean_op = acc[t].mean_op;
+          fold_tile_blocks(acc[t].m2, std::array<const T*, 1>{base + r0 * W + w}, std::min(kBlock, rows - r0), W, n,
+                           [&](int q, Wide<T> v) {
+                             const Wide<T> d = v - mean_op[q];
+                             return std::array<Wide<T>, 1>{d * d};
+                           });
+        }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t w = t * kTile, n = std::min<int64_t>(kTile, W - w);
         // sum (x - m')^2 = M2 + rows * (mean - m')^2 for the shift m' = mean rounded to opmath.
         Tile shift = {};
-        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), mean_op[q]);
+        for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), acc[t].mean_op[q]);
         for (int r = 0; r < kTileRegisters; ++r) {
-          const Vec d = mean[r] - shift[r], dev = m2[0][r] - double(rows) * d * d;
-          m2[0][r] = dev < 0 ? Vec{} : dev;  // rounding below 0; NaN stays NaN
+          const Vec d = acc[t].sum[0][r] / double(rows) - shift[r], dev = acc[t].m2[0][r] - double(rows) * d * d;
+          acc[t].m2[0][r] = dev < 0 ? Vec{} : dev;  // rounding below 0; NaN stays NaN
         }
-        std::memcpy(s1 + a * W + w, sum[0], n * sizeof(double));  // a Tile's lanes are its columns in order
-        std::memcpy(s2 + a * W + w, m2[0], n * sizeof(double));
+        std::memcpy(s1 + a * W + w, acc[t].sum[0], n * sizeof(double));  // a Tile's lanes are its columns in order
+        std::memcpy(s2 + a * W + w, acc[t].m2[0], n * sizeof(double));
       }
     });
   }
@@ -495,26 +520,40 @@ void grad_sums_typed(const BnShape& s, const T* dy, const T* x, const double* me
     // dy * (x - m') with m' the mean in opmath, corrected in double by (m' - mean) * sum dy.
     constexpr int kQ = kWideRegisters<T>;
     const std::vector<Op> mu_op = per_column<Op>(s, p.planar, mean);
+    // Row-major, as the statistics: a block of kBlock rows across every tile, each tile's sums in
+    // memory between blocks.
+    struct TileSums {
+      Tile sums[2];
+    };
+    const int64_t tiles = (W + kTile - 1) / kTile;
     parallel_items(s, p.n_a, [&](int64_t pa) {
-      const int64_t start = pa * p.rows_per_a * W;
-      for (int64_t w = 0; w < W; w += kTile) {
-        const int64_t n = std::min<int64_t>(kTile, W - w);
-        Wide<T> sa[kQ], sb[kQ], m[kQ];  // per-column arrays, zero-padded to whole tiles
-        for (int q = 0; q < kQ; ++q) {
-          std::memcpy(&sa[q], a.data() + w + q * kWideLanes<T>, sizeof sa[q]);
-          std::memcpy(&sb[q], b.data() + w + q * kWideLanes<T>, sizeof sb[q]);
-          std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
+      const int64_t start = pa * p.rows_per_a * W, rows = p.rows(s, pa);
+      ZeroedArray<TileSums> acc(tiles);
+      for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t w = t * kTile, n = std::min<int64_t>(kTile, W - w);
+          Wide<T> sa[kQ], sb[kQ], m[kQ];  // per-column arrays, zero-padded to whole tiles
+          for (int q = 0; q < kQ; ++q) {
+            std::memcpy(&sa[q], a.data() + w + q * kWideLanes<T>, sizeof sa[q]);
+            std::memcpy(&sb[q], b.data() + w + q * kWideLanes<T>, sizeof sb[q]);
+            std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
+          }
+          const int64_t at = start + r0 * W + w;
+          fold_tile_blocks(acc[t].sums, std::array<const T*, 2>{dy + at, x + at}, std::min(kBlock, rows - r0), W, n,
+                           [&](int q, Wide<T> gv, Wide<T> xv) {
+                             const Wide<T> d = masked<Wide<T>, kRelu>(gv, xv, sa[q], sb[q]);
+                             return std::array<Wide<T>, 2>{d, d * (xv - m[q])};
+                           });
         }
-        prefetch_next_tile(dy + start + w, p.rows(s, pa), W, w, W);
-        prefetch_next_tile(x + start + w, p.rows(s, pa), W, w, W);
-        Tile sums[2] = {}, shift = {}, mu_tile;
-        fold_tile_blocks(sums, std::array<const T*, 2>{dy + start + w, x + start + w}, p.rows(s, pa), W, n,
-                         [&](int q, Wide<T> gv, Wide<T> xv) {
-                           const Wide<T> d = masked<Wide<T>, kRelu>(gv, xv, sa[q], sb[q]);
-                           return std::array<Wide<T>, 2>{d, d * (xv - m[q])};
-                         });
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t w = t * kTile, n = std::min<int64_t>(kTile, W - w);
+        Wide<T> m[kQ];
+        for (int q = 0; q < kQ; ++q) std::memcpy(&m[q], mu_op.data() + w + q * kWideLanes<T>, sizeof m[q]);
+        Tile shift = {}, mu_tile;
         for (int q = 0; q < kQ; ++q) add_widened(shift + q * (kWideLanes<T> / kWidth), m[q]);
         std::memcpy(mu_tile, mu.data() + w, sizeof mu_tile);
+        Tile* sums = acc[t].sums;
         for (int r = 0; r < kTileRegisters; ++r) sums[1][r] += (shift[r] - mu_tile[r]) * sums[0][r];
         std::memcpy(s1.data() + pa * W + w, sums[0], n * sizeof(double));
         std::memcpy(s2.data() + pa * W + w, sums[1], n * sizeof(double));
