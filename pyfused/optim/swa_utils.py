@@ -41,7 +41,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _is_dense, _overlapping_pair, _unaddressable
+from pyfused.optim._fused import _is_dense, _overlapping_pair, _same, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -49,6 +49,7 @@ __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "
 _data_ptr = torch.Tensor.data_ptr
 _size = torch.Tensor.size
 _stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 _dtype_of = operator.attrgetter("dtype")
 _PLAIN = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
 
@@ -165,20 +166,24 @@ def _fusable(a, m) -> bool:
             and _unaddressable(a) is None and _unaddressable(m) is None)
 
 
-def _key(averaged, current):
-    """What a plan depends on, read with C-level loops (the cost that remains per call). No device:
-    a tensor moved to another device has another address (CUDA's and the host's do not meet)."""
-    both = averaged + current
-    return (list(map(_data_ptr, both)), list(map(_size, both)), list(map(_stride, both)),
-            list(map(_dtype_of, both)))
-
-
 class _Plan:
     """Which pairs are fused, in which groups, and which torch's code averages; valid while every
-    tensor keeps its address, sizes, strides and dtype (the key)."""
+    tensor is the same object (a tensor of another type takes torch's code) at the same address,
+    with the same dtype, sizes and strides (unchanged() checks, with C-level passes only)."""
 
     def __init__(self, averaged, current):
-        self.key = _key(averaged, current)
+        both = averaged + current
+        self.averaged, self.current = averaged, current
+        # No device: a tensor moved to another device has another address (CUDA's and the
+        # host's do not meet).
+        self.addresses = list(map(_data_ptr, both))
+        self.dtypes = list(map(_dtype_of, both))
+        self.sizes = list(map(_size, both))
+        # Strides only where not contiguous: contiguous with the same sizes is the same memory
+        # order, and is_contiguous() is a flag, where stride() builds a tuple.
+        self.contiguous = list(map(_is_contiguous, both))
+        self.strided = list(itertools.compress(range(len(both)), map(operator.not_, self.contiguous)))
+        self.strides = self._strides(both)
         fused = {}
         self.rest = []  # positions of the pairs torch's code averages
         for i, (a, m) in enumerate(zip(averaged, current)):
@@ -190,6 +195,19 @@ class _Plan:
                        for (device, dtype), indices in fused.items()]
         # An average sharing memory with another tensor: torch's tensor-by-tensor order decides.
         self.overlap = any(g.overlap for g in self.groups)
+
+    def _strides(self, both):
+        return list(map(_stride, map(both.__getitem__, self.strided)))
+
+    def unchanged(self, averaged, current) -> bool:
+        if not (_same(averaged, self.averaged) and _same(current, self.current)):
+            return False
+        both = averaged + current
+        return (list(map(_data_ptr, both)) == self.addresses
+                and all(map(operator.is_, map(_dtype_of, both), self.dtypes))
+                and list(map(_is_contiguous, both)) == self.contiguous
+                and list(map(_size, both)) == self.sizes
+                and self._strides(both) == self.strides)
 
 
 class AveragedModel(_torch_swa.AveragedModel):
@@ -229,7 +247,7 @@ class AveragedModel(_torch_swa.AveragedModel):
         pairs = min(len(averaged), len(current))  # torch zips them, strict=False
         del averaged[pairs:], current[pairs:]
         plan = self._plan
-        if plan is None or plan.key != _key(averaged, current):
+        if plan is None or not plan.unchanged(averaged, current):
             plan = self._plan = _Plan(averaged, current)
         if plan.overlap:
             return super().update_parameters(model)
