@@ -440,9 +440,9 @@ def test_walks_the_tensors_torch_walks():
             return iter([self.b])
 
     for m in (model, OwnWalk(), T.AveragedModel(model)):
-        assert P._members(m, "_parameters") == list(m.parameters())
-        assert P._members(m, "_buffers") == list(m.buffers())
-    assert len(P._members(model, "_parameters")) == 6  # the shared Linear and the tied weight once
+        assert P._first_each(P._walk(m, "_parameters")) == list(m.parameters())
+        assert P._first_each(P._walk(m, "_buffers")) == list(m.buffers())
+    assert len(P._first_each(P._walk(model, "_parameters"))) == 6  # the shared Linear and the tied weight once
 
 
 # average= of the optimizers: the step lerps the averages in its kernel pass (swa_utils._StepAverage).

@@ -63,10 +63,12 @@ def _float32(x: float) -> float:
 _Module = torch.nn.Module
 
 
-def _members(module, kind):
-    """list(module.parameters()) (kind "_parameters") or list(module.buffers()) ("_buffers"): the
-    same tensors in the same order, without the names torch's generators build (half the cost of a
-    call on many small tensors). A module class that overrides how torch walks calls its own."""
+def _walk(module, kind):
+    """module.parameters() (kind "_parameters") or module.buffers() ("_buffers") in order, but a
+    tensor reachable twice (a shared module, a tied param) is listed each time (_first_each keeps
+    its first place, as torch's memo does), and without the names torch's generators build (half
+    the cost of a call on many small tensors). A module class that overrides how torch walks is
+    asked itself."""
     method = "parameters" if kind == "_parameters" else "buffers"
     root = type(module)
     if (getattr(root, method) is not getattr(_Module, method)
@@ -82,10 +84,13 @@ def _members(module, kind):
             seen.add(id(m))
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    out = [v for m in modules for v in getattr(m, kind).values() if v is not None]
-    # Each tensor once, at its first place, as torch's memo keeps it (a dict keeps a key's first
-    # position); dict(zip(map(...))) runs in C.
-    return list(dict(zip(map(id, out), out)).values())
+    return [v for m in modules for v in getattr(m, kind).values() if v is not None]
+
+
+def _first_each(tensors):
+    """Each tensor once, at its first place (a dict keeps a key's first position); dict(zip(map(...)))
+    runs in C."""
+    return list(dict(zip(map(id, tensors), tensors)).values())
 
 
 class _MultiAvgFn:
@@ -171,9 +176,18 @@ class _Plan:
     tensor is the same object (a tensor of another type takes torch's code) at the same address,
     with the same dtype, sizes and strides (unchanged() checks, with C-level passes only)."""
 
-    def __init__(self, averaged, current):
-        both = averaged + current
+    def __init__(self, walks):
+        # walks: the averaged module's tensors then the model's, each side as one or two _walk
+        # lists (params, and buffers where use_buffers); repeats dropped side by side, as torch's
+        # parameters() and buffers() drop them.
+        self.walks = walks
+        half = len(walks) // 2
+        averaged = [t for w in walks[:half] for t in _first_each(w)]
+        current = [t for w in walks[half:] for t in _first_each(w)]
+        pairs = min(len(averaged), len(current))  # torch zips them, strict=False
+        del averaged[pairs:], current[pairs:]
         self.averaged, self.current = averaged, current
+        self.both = both = averaged + current
         # No device: a tensor moved to another device has another address (CUDA's and the
         # host's do not meet).
         self.addresses = list(map(_data_ptr, both))
@@ -199,10 +213,11 @@ class _Plan:
     def _strides(self, both):
         return list(map(_stride, map(both.__getitem__, self.strided)))
 
-    def unchanged(self, averaged, current) -> bool:
-        if not (_same(averaged, self.averaged) and _same(current, self.current)):
+    def unchanged(self, walks) -> bool:
+        # The same objects walked in the same order: the same pairs, without the dedup's cost.
+        if not (len(walks) == len(self.walks) and all(map(_same, walks, self.walks))):
             return False
-        both = averaged + current
+        both = self.both
         return (list(map(_data_ptr, both)) == self.addresses
                 and all(map(operator.is_, map(_dtype_of, both), self.dtypes))
                 and list(map(_is_contiguous, both)) == self.contiguous
@@ -240,15 +255,14 @@ class AveragedModel(_torch_swa.AveragedModel):
                 self._first = {name: t.detach().clone() for name, t in self._named_averaged()}
             return
         if self.use_buffers:
-            averaged = _members(self.module, "_parameters") + _members(self.module, "_buffers")
-            current = _members(model, "_parameters") + _members(model, "_buffers")
+            walks = (_walk(self.module, "_parameters"), _walk(self.module, "_buffers"),
+                     _walk(model, "_parameters"), _walk(model, "_buffers"))
         else:
-            averaged, current = _members(self, "_parameters"), _members(model, "_parameters")
-        pairs = min(len(averaged), len(current))  # torch zips them, strict=False
-        del averaged[pairs:], current[pairs:]
+            walks = (_walk(self, "_parameters"), _walk(model, "_parameters"))
         plan = self._plan
-        if plan is None or not plan.unchanged(averaged, current):
-            plan = self._plan = _Plan(averaged, current)
+        if plan is None or not plan.unchanged(walks):
+            plan = self._plan = _Plan(walks)
+        averaged, current = plan.averaged, plan.current
         if plan.overlap:
             return super().update_parameters(model)
 
