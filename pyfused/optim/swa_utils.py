@@ -182,8 +182,8 @@ class _Plan:
         # parameters() and buffers() drop them.
         self.walks = walks
         half = len(walks) // 2
-        averaged = [t for w in walks[:half] for t in _first_each(w)]
-        current = [t for w in walks[half:] for t in _first_each(w)]
+        averaged = list(itertools.chain.from_iterable(map(_first_each, walks[:half])))
+        current = list(itertools.chain.from_iterable(map(_first_each, walks[half:])))
         pairs = min(len(averaged), len(current))  # torch zips them, strict=False
         del averaged[pairs:], current[pairs:]
         self.averaged, self.current = averaged, current
@@ -217,11 +217,13 @@ class _Plan:
         # The same objects walked in the same order: the same pairs, without the dedup's cost.
         if not (len(walks) == len(self.walks) and all(map(_same, walks, self.walks))):
             return False
+        # all(map(...)) over the same lengths: no list built (a third less than list ==); dtypes
+        # and the flags compare by identity.
         both = self.both
-        return (list(map(_data_ptr, both)) == self.addresses
+        return (all(map(operator.eq, map(_data_ptr, both), self.addresses))
                 and all(map(operator.is_, map(_dtype_of, both), self.dtypes))
-                and list(map(_is_contiguous, both)) == self.contiguous
-                and list(map(_size, both)) == self.sizes
+                and all(map(operator.is_, map(_is_contiguous, both), self.contiguous))
+                and all(map(operator.eq, map(_size, both), self.sizes))
                 and self._strides(both) == self.strides)
 
 
