@@ -41,7 +41,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _is_dense, _overlapping_pair, _unaddressable
+from pyfused.optim._fused import _is_dense, _overlapping_pair, _same, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -49,6 +49,7 @@ __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "
 _data_ptr = torch.Tensor.data_ptr
 _size = torch.Tensor.size
 _stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 _dtype_of = operator.attrgetter("dtype")
 _PLAIN = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
 
@@ -62,10 +63,12 @@ def _float32(x: float) -> float:
 _Module = torch.nn.Module
 
 
-def _members(module, kind):
-    """list(module.parameters()) (kind "_parameters") or list(module.buffers()) ("_buffers"): the
-    same tensors in the same order, without the names torch's generators build (half the cost of a
-    call on many small tensors). A module class that overrides how torch walks calls its own."""
+def _walk(module, kind):
+    """module.parameters() (kind "_parameters") or module.buffers() ("_buffers") in order, but a
+    tensor reachable twice (a shared module, a tied param) is listed each time (_first_each keeps
+    its first place, as torch's memo does), and without the names torch's generators build (half
+    the cost of a call on many small tensors). A module class that overrides how torch walks is
+    asked itself."""
     method = "parameters" if kind == "_parameters" else "buffers"
     root = type(module)
     if (getattr(root, method) is not getattr(_Module, method)
@@ -81,10 +84,13 @@ def _members(module, kind):
             seen.add(id(m))
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    out = [v for m in modules for v in getattr(m, kind).values() if v is not None]
-    # Each tensor once, at its first place, as torch's memo keeps it (a dict keeps a key's first
-    # position); dict(zip(map(...))) runs in C.
-    return list(dict(zip(map(id, out), out)).values())
+    return [v for m in modules for v in getattr(m, kind).values() if v is not None]
+
+
+def _first_each(tensors):
+    """Each tensor once, at its first place (a dict keeps a key's first position); dict(zip(map(...)))
+    runs in C."""
+    return list(dict(zip(map(id, tensors), tensors)).values())
 
 
 class _MultiAvgFn:
@@ -165,20 +171,33 @@ def _fusable(a, m) -> bool:
             and _unaddressable(a) is None and _unaddressable(m) is None)
 
 
-def _key(averaged, current):
-    """What a plan depends on, read with C-level loops (the cost that remains per call). No device:
-    a tensor moved to another device has another address (CUDA's and the host's do not meet)."""
-    both = averaged + current
-    return (list(map(_data_ptr, both)), list(map(_size, both)), list(map(_stride, both)),
-            list(map(_dtype_of, both)))
-
-
 class _Plan:
     """Which pairs are fused, in which groups, and which torch's code averages; valid while every
-    tensor keeps its address, sizes, strides and dtype (the key)."""
+    tensor is the same object (a tensor of another type takes torch's code) at the same address,
+    with the same dtype, sizes and strides (unchanged() checks, with C-level passes only)."""
 
-    def __init__(self, averaged, current):
-        self.key = _key(averaged, current)
+    def __init__(self, walks):
+        # walks: the averaged module's tensors then the model's, each side as one or two _walk
+        # lists (params, and buffers where use_buffers); repeats dropped side by side, as torch's
+        # parameters() and buffers() drop them.
+        self.walks = walks
+        half = len(walks) // 2
+        averaged = list(itertools.chain.from_iterable(map(_first_each, walks[:half])))
+        current = list(itertools.chain.from_iterable(map(_first_each, walks[half:])))
+        pairs = min(len(averaged), len(current))  # torch zips them, strict=False
+        del averaged[pairs:], current[pairs:]
+        self.averaged, self.current = averaged, current
+        self.both = both = averaged + current
+        # No device: a tensor moved to another device has another address (CUDA's and the
+        # host's do not meet).
+        self.addresses = list(map(_data_ptr, both))
+        self.dtypes = list(map(_dtype_of, both))
+        self.sizes = list(map(_size, both))
+        # Strides only where not contiguous: contiguous with the same sizes is the same memory
+        # order, and is_contiguous() is a flag, where stride() builds a tuple.
+        self.contiguous = list(map(_is_contiguous, both))
+        self.strided = list(itertools.compress(range(len(both)), map(operator.not_, self.contiguous)))
+        self.strides = self._strides(both)
         fused = {}
         self.rest = []  # positions of the pairs torch's code averages
         for i, (a, m) in enumerate(zip(averaged, current)):
@@ -190,6 +209,22 @@ class _Plan:
                        for (device, dtype), indices in fused.items()]
         # An average sharing memory with another tensor: torch's tensor-by-tensor order decides.
         self.overlap = any(g.overlap for g in self.groups)
+
+    def _strides(self, both):
+        return list(map(_stride, map(both.__getitem__, self.strided)))
+
+    def unchanged(self, walks) -> bool:
+        # The same objects walked in the same order: the same pairs, without the dedup's cost.
+        if not (len(walks) == len(self.walks) and all(map(_same, walks, self.walks))):
+            return False
+        # all(map(...)) over the same lengths: no list built (a third less than list ==); dtypes
+        # and the flags compare by identity.
+        both = self.both
+        return (all(map(operator.eq, map(_data_ptr, both), self.addresses))
+                and all(map(operator.is_, map(_dtype_of, both), self.dtypes))
+                and all(map(operator.is_, map(_is_contiguous, both), self.contiguous))
+                and all(map(operator.eq, map(_size, both), self.sizes))
+                and self._strides(both) == self.strides)
 
 
 class AveragedModel(_torch_swa.AveragedModel):
@@ -222,15 +257,14 @@ class AveragedModel(_torch_swa.AveragedModel):
                 self._first = {name: t.detach().clone() for name, t in self._named_averaged()}
             return
         if self.use_buffers:
-            averaged = _members(self.module, "_parameters") + _members(self.module, "_buffers")
-            current = _members(model, "_parameters") + _members(model, "_buffers")
+            walks = (_walk(self.module, "_parameters"), _walk(self.module, "_buffers"),
+                     _walk(model, "_parameters"), _walk(model, "_buffers"))
         else:
-            averaged, current = _members(self, "_parameters"), _members(model, "_parameters")
-        pairs = min(len(averaged), len(current))  # torch zips them, strict=False
-        del averaged[pairs:], current[pairs:]
+            walks = (_walk(self, "_parameters"), _walk(model, "_parameters"))
         plan = self._plan
-        if plan is None or plan.key != _key(averaged, current):
-            plan = self._plan = _Plan(averaged, current)
+        if plan is None or not plan.unchanged(walks):
+            plan = self._plan = _Plan(walks)
+        averaged, current = plan.averaged, plan.current
         if plan.overlap:
             return super().update_parameters(model)
 
