@@ -72,6 +72,12 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
     channels = input.shape[1]
     if running_mean is None and not training:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    dtype, device = input.dtype, input.device
+    for t in (running_mean, running_var, weight, bias):  # the usual case first: all as the input's
+        if t is not None and (t.numel() != channels or t.dtype != dtype or t.device != device):
+            break
+    else:
+        return
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
