@@ -82,6 +82,18 @@ def test_gradcheck_fp64(relu, training, cl):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_create_graph_backward_works_and_double_backward_is_refused(relu):
+    module = pnn.BatchNormReLU1d(8) if relu else pnn.BatchNorm1d(8)
+    x = torch.randn(5, 8, requires_grad=True)
+    (plain,) = torch.autograd.grad(module(x).pow(2).sum(), x)
+    (dx,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
+    assert dx.requires_grad and torch.equal(dx.detach(), plain)
+    with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with "
+                                           "@once_differentiable"):
+        dx.sum().backward()
+
+
 def test_matches_torch_functional_and_zero_size():
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     ours = pnn.BatchNorm2d(3)

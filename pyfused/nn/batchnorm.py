@@ -72,6 +72,12 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
     channels = input.shape[1]
     if running_mean is None and not training:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    dtype, device = input.dtype, input.device
+    for t in (running_mean, running_var, weight, bias):  # the usual case first: all as the input's
+        if t is not None and (t.numel() != channels or t.dtype != dtype or t.device != device):
+            break
+    else:
+        return
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
@@ -178,10 +184,11 @@ class _BatchNorm(torch.autograd.Function):
     (csrc/batchnorm.h's forward and backward); otherwise the steps one by one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, options):
-        # options: (training, momentum, eps, relu, group, kernels) as one argument, since apply
-        # walks every argument on each call
-        training, momentum, eps, relu, group, kernels = options
+    def forward(ctx, x, weight, bias, options):
+        # options: (running_mean, running_var, training, momentum, eps, relu, group, kernels) as
+        # one argument, since apply walks every argument on each call (the running stats get no
+        # gradient, as in torch)
+        running_mean, running_var, training, momentum, eps, relu, group, kernels = options
         param = weight if weight is not None else next(
             (t for t in (bias, running_mean, running_var) if t is not None), None)
         param_code = _cpp.DTYPE_CODES[param.dtype if param is not None else torch.float32]
@@ -195,25 +202,39 @@ class _BatchNorm(torch.autograd.Function):
         else:
             y, saved, count = _split_forward(kernels, xd, shape, param_code, w, b, stats_out, training, momentum,
                                              eps, relu, group)
-        for kept, written in zip((running_mean, running_var), stats_out):
-            if written is not kept:
-                kept.copy_(written)
-        ctx.save_for_backward(xd, w, b, saved)
-        ctx.config = (param_code, shape, count, training, relu, group, kernels)
+        if stats_out[0] is not running_mean:
+            running_mean.copy_(stats_out[0])
+        if stats_out[1] is not running_var:
+            running_var.copy_(stats_out[1])
+        ctx.save_for_backward(xd, w, b)
+        # saved: made here and seen nowhere else, so it needs no version check
+        ctx.config = (saved, param_code, shape, count, training, relu, group, kernels)
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels are not differentiable: a double backward is refused clearly
     def backward(ctx, dy):
-        xd, w, b, saved = ctx.saved_tensors
-        param_code, shape, count, training, relu, group, kernels = ctx.config
+        if torch.is_grad_enabled():  # create_graph: these grads refuse a double backward clearly
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy):
+    xd, w, b = ctx.saved_tensors
+    saved, param_code, shape, count, training, relu, group, kernels = ctx.config
+    if not (dy.is_contiguous() and xd.is_contiguous()):  # both dense row-major: the same layout
         dy = _same_layout(dy, xd)
-        if kernels is _cpp and group is None:
-            grads = _cpp.bn_backward(dy, xd, shape, saved, param_code, w, b, *ctx.needs_input_grad[:3], training, relu)
-        else:
-            grads = _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, ctx.needs_input_grad[:3],
-                                    training, relu, group)
-        return grads + (None,) * 3
+    needs = ctx.needs_input_grad
+    if kernels is _cpp and group is None:
+        grads = _cpp.bn_backward(dy, xd, shape, saved, param_code, w, b, needs[0], needs[1], needs[2], training, relu)
+    else:
+        grads = _split_backward(kernels, dy, xd, shape, saved, param_code, count, w, b, needs[:3], training, relu,
+                                group)
+    return grads + (None,)
+
+
+# the kernels are not differentiable; once_differentiable's no_grad block and checks cost a
+# small layer's call a few microseconds, so only a backward that builds a graph goes through it
+_backward_once = once_differentiable(_backward)
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
@@ -241,8 +262,8 @@ def _fusable(input, *others):
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, group, kernels):
     """After _check: the fused function."""
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var,
-                            (bool(training), float(momentum), float(eps), relu, group, kernels))
+    return _BatchNorm.apply(input, weight, bias, (running_mean, running_var, bool(training), float(momentum),
+                                                  float(eps), relu, group, kernels))
 
 
 class _Fused:
