@@ -838,6 +838,28 @@ def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(a
             torch.testing.assert_close(a[key], b[key])
 
 
+@pytest.mark.parametrize("param_layout", ["contiguous", "transposed"])
+def test_a_persistent_grad_given_other_strides_in_place_is_seen(param_layout):
+    """The same grad object at the same address with the same shape and dtype, re-strided in place
+    (as_strided_): the cached check (contiguity for contiguous params, strides for the others)
+    must see it, and the step read the grad's elements as torch does."""
+
+    def run(cls):
+        base = torch.arange(35, dtype=torch.float32).reshape(5, 7) / 10
+        p = torch.nn.Parameter(base.clone() if param_layout == "contiguous" else base.t().contiguous().t())
+        opt = cls([p], lr=0.1, momentum=0.9)
+        p.grad = torch.empty_strided(p.shape, p.stride()).copy_(torch.linspace(-1, 1, 35).reshape(5, 7))
+        opt.step()
+        # Same storage, same first element, same shape: elements read in another order.
+        other = (1, 5) if param_layout == "contiguous" else (7, 1)
+        p.grad.as_strided_(p.shape, other)
+        opt.step()
+        return p.detach().clone()
+
+    ours, theirs = run(pyfused.optim.SGD), run(torch.optim.SGD)
+    assert_close(ours, theirs)
+
+
 # --- one kernel call per dtype, across param groups (tests/test_optim_groups.py has more) --------
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -52,6 +52,7 @@ _shape_of = operator.attrgetter("shape")
 _device_of = operator.attrgetter("device")
 _stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
 _deref = weakref.ref.__call__
 _capturable = operator.methodcaller("get", "capturable")
 _first = operator.itemgetter(0)
@@ -165,6 +166,9 @@ class _Bucket:
         shards = list(map(_local, params))
         self.shapes = [p.shape for p in shards]
         self.strides = [p.stride() for p in shards]
+        # Every param contiguous: a grad that is contiguous with the param's shape then has the
+        # param's memory layout (is_contiguous() costs less than stride() and its comparison).
+        self.contiguous = all(p.is_contiguous() for p in shards)
         self.dtypes = [dtype] * self.n
         self.devices = [device] * self.n
         is_dtensor = [_is_dtensor(p) for p in params]
@@ -172,7 +176,9 @@ class _Bucket:
         # checks): their meshes and placements.
         self.layouts = [_dtensor_layout(p) for p in params] if any(is_dtensor) else None
         self.is_dtensor = is_dtensor
-        # Picks this bucket's grads out of the step's grad list.
+        # Picks this bucket's grads out of the step's grad list; the usual single bucket, which
+        # holds every param in order, takes the list as it is.
+        self.whole = positions == list(range(len(positions)))
         if len(positions) == 1:
             self.select = lambda grads, i=positions[0]: [grads[i]]
         else:
@@ -219,16 +225,19 @@ class _Bucket:
     def load_grads(self, grads):
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
         Their types the plan has checked."""
-        grads = self.select(grads)
+        if not self.whole or len(grads) != self.n:
+            grads = self.select(grads)
         # The grads the last step checked, if they are still the same tensors with the same
-        # address, strides, shape and dtype (weak references: holding a grad would keep its memory
+        # address, layout, shape and dtype (weak references: holding a grad would keep its memory
         # alive after zero_grad()), need no other check: their addresses are in the table already.
-        # A grad resized or re-viewed in place (`.data =`) keeps its identity, not its metadata.
+        # A grad resized, transposed or re-viewed in place (`.data =`) keeps its identity, not its
+        # metadata. Layout: the param's strides, or (every param contiguous) contiguity, which
+        # with the shape fixes the same strides up to those of size-1 dims, which move nothing.
         if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
             if (
-                list(map(_stride_of, grads)) == self.strides
-                and list(map(_data_ptr, grads)) == self.grad_addresses
+                list(map(_data_ptr, grads)) == self.grad_addresses
                 and list(map(_shape_of, grads)) == self.shapes
+                and (all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride_of, grads)) == self.strides)
                 and list(map(_dtype_of, grads)) == self.dtypes
             ):
                 return []
@@ -283,26 +292,31 @@ class _StateSnapshot:
     built from, for a check by identity (_same) each step."""
 
     def __init__(self, dicts):
-        # Where every dict has the same keys (the common case), an itemgetter reads their values
-        # in one call per dict (dict.values makes a view and an iterator per dict); a key that
-        # appears later is not one the tables use.
+        # Where every dict has the same keys (the common case), the values are read key by key:
+        # one itemgetter pass and one identity pass per key, with no tuple per dict (a third
+        # faster than an itemgetter of every key and a chain). A key that appears later is not
+        # one the tables use; one deleted raises KeyError.
         layouts = set(map(tuple, dicts))
-        keys = layouts.pop() if len(layouts) == 1 else ()
-        self.values_of = operator.itemgetter(*keys) if len(keys) > 1 else dict.values
+        keys = layouts.pop() if len(layouts) == 1 else None
+        self.getters = None if keys is None else list(map(operator.itemgetter, keys))
         self.dicts = dicts
         self.values = self._values()
 
     def _values(self):
-        return list(itertools.chain.from_iterable(map(self.values_of, self.dicts)))
+        if self.getters is None:
+            return list(itertools.chain.from_iterable(map(dict.values, self.dicts)))
+        return [list(map(getter, self.dicts)) for getter in self.getters]
 
     def unchanged(self, state) -> bool:
         if not _same(state.values(), self.dicts):
             return False
         try:
-            values = self._values()
+            if self.getters is None:
+                return _same(self._values(), self.values)
+            return all(_same(list(map(getter, self.dicts)), values)
+                       for getter, values in zip(self.getters, self.values))
         except KeyError:  # a key deleted
             return False
-        return _same(values, self.values)
 
 
 class _Plan:
