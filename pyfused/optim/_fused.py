@@ -43,6 +43,11 @@ from torch.optim.optimizer import _get_scalar_dtype
 from pyfused import _backend, _cpp
 from pyfused.optim.stats import StepStats
 
+try:  # dynamo's C++ tensor check: type, dtype, device, sizes and strides of many tensors in one call
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # a torch without it: the per-attribute passes alone
+    _TensorGuards = None
+
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _REAL_DTYPES = _cpp.REAL_DTYPES
 _grad_of = operator.attrgetter("grad")
@@ -138,6 +143,17 @@ def _check_same_sharding(p, t, where, what):
         )
 
 
+def _metadata_guard(tensors):
+    """A check that tensors still have their current type, dtype, device, shape and strides (and
+    requires_grad and dispatch keys, whose change only sends a step to the full check), made in
+    one C++ pass: dynamo's TensorGuards, which keeps no reference to them. Built only for grads
+    that persist across steps: building it costs more than one step's passes. None without it."""
+    if _TensorGuards is None:
+        return None
+    return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                         dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+
 def _overlapping_pair(regions):
     """Two of the (start, end, owner) byte ranges that overlap, or None."""
     regions = sorted(r for r in regions if r[0] != r[1])
@@ -214,6 +230,7 @@ class _Bucket:
             self.steps_are_double = self.step_tensors[0].dtype == torch.float64
             self.steps = array.array("q", map(_data_ptr, self.step_tensors))
         self.checked = None  # weak references to the grads load_grads() last checked
+        self.guard = None  # their metadata, once a step found them unchanged (_metadata_guard)
         self.grad_addresses = None
         # Flags mark a tensor's first step only: cleared by the plan's commit().
         self.flags = array.array("q", flags) if any(flags) else None
@@ -233,15 +250,20 @@ class _Bucket:
         # A grad resized, transposed or re-viewed in place (`.data =`) keeps its identity, not its
         # metadata. Layout: the param's strides, or (every param contiguous) contiguity, which
         # with the shape fixes the same strides up to those of size-1 dims, which move nothing.
+        # From the second unchanged step on, one guard call checks shapes, strides and dtypes.
         if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
-            if (
+            if self.guard is not None:
+                if list(map(_data_ptr, grads)) == self.grad_addresses and self.guard.check(*grads):
+                    return []
+            elif (
                 list(map(_data_ptr, grads)) == self.grad_addresses
                 and list(map(_shape_of, grads)) == self.shapes
                 and (all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride_of, grads)) == self.strides)
                 and list(map(_dtype_of, grads)) == self.dtypes
             ):
+                self.guard = _metadata_guard(grads)
                 return []
-        self.checked = None
+        self.checked = self.guard = None
         copies = self._check_grads(grads)
         if not copies and self.layouts is None:
             self.grad_addresses = self.addresses[self.n : 2 * self.n].tolist()
