@@ -809,10 +809,18 @@ def test_replacing_a_state_tensor_between_steps():
 
 
 
+@pytest.mark.parametrize("versions", [True, False], ids=["dict versions", "values"])
 @pytest.mark.parametrize("amsgrad", [(False, False), (True, False)], ids=["same-keys", "mixed-keys"])
-def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(amsgrad):
-    """The plan's state check reads the state dicts' values with one getter where every dict has
-    the same keys, else dict by dict: both see a replaced tensor in any group."""
+def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(amsgrad, versions, monkeypatch):
+    """The plan's state check compares the state dicts' versions where torch and Python have them,
+    else their values (key by key where every dict has the same keys, else dict by dict): each
+    sees a replaced tensor in any group."""
+    from pyfused.optim import _fused
+
+    if versions:
+        assert _fused._dict_version is not None  # this torch and Python have them
+    else:
+        monkeypatch.setattr(_fused, "_dict_version", None)
 
     def run(cls):
         params = [torch.nn.Parameter(torch.full((5,), 1.0 + i)) for i in range(4)]

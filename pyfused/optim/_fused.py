@@ -309,20 +309,41 @@ class _Bucket:
         return copies
 
 
+def _usable_dict_version():
+    """dynamo's dict_version (CPython's per-dict version tag, which every insertion, replacement
+    and deletion moves to a value no dict had), if this torch and Python have one that moves;
+    else None."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:
+        return None
+    d = {"a": 0}
+    seen = [dict_version(d)]
+    for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b")):
+        change()
+        seen.append(dict_version(d))
+    return dict_version if len(set(seen)) == len(seen) else None
+
+
+_dict_version = _usable_dict_version()
+
+
 class _StateSnapshot:
-    """The optimizer's per-param state dicts and the values in them, which the plan's tables were
-    built from, for a check by identity (_same) each step."""
+    """The optimizer's per-param state dicts, which the plan's tables were built from, and what
+    was in them: a replaced dict is another object (_same), a tensor assigned into one or a key
+    deleted moves its version (one C call per dict). Without versions, the values are compared
+    by identity instead."""
 
     def __init__(self, dicts):
+        self.dicts = dicts
+        self.versions = None if _dict_version is None else list(map(_dict_version, dicts))
         # Where every dict has the same keys (the common case), the values are read key by key:
-        # one itemgetter pass and one identity pass per key, with no tuple per dict (a third
-        # faster than an itemgetter of every key and a chain). A key that appears later is not
-        # one the tables use; one deleted raises KeyError.
+        # one itemgetter pass and one identity pass per key, with no tuple per dict. A key that
+        # appears later is not one the tables use; one deleted raises KeyError.
         layouts = set(map(tuple, dicts))
         keys = layouts.pop() if len(layouts) == 1 else None
         self.getters = None if keys is None else list(map(operator.itemgetter, keys))
-        self.dicts = dicts
-        self.values = self._values()
+        self.values = None if self.versions is not None else self._values()
 
     def _values(self):
         if self.getters is None:
@@ -332,6 +353,8 @@ class _StateSnapshot:
     def unchanged(self, state) -> bool:
         if not _same(state.values(), self.dicts):
             return False
+        if self.versions is not None:
+            return list(map(_dict_version, self.dicts)) == self.versions
         try:
             if self.getters is None:
                 return _same(self._values(), self.values)
