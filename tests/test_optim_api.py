@@ -809,10 +809,18 @@ def test_replacing_a_state_tensor_between_steps():
 
 
 
+@pytest.mark.parametrize("versions", [True, False], ids=["dict versions", "values"])
 @pytest.mark.parametrize("amsgrad", [(False, False), (True, False)], ids=["same-keys", "mixed-keys"])
-def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(amsgrad):
-    """The plan's state check reads the state dicts' values with one getter where every dict has
-    the same keys, else dict by dict: both see a replaced tensor in any group."""
+def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(amsgrad, versions, monkeypatch):
+    """The plan's state check compares the state dicts' versions where torch and Python have them,
+    else their values (key by key where every dict has the same keys, else dict by dict): each
+    sees a replaced tensor in any group."""
+    from pyfused.optim import _fused
+
+    if versions:
+        assert _fused._dict_version is not None  # this torch and Python have them
+    else:
+        monkeypatch.setattr(_fused, "_dict_version", None)
 
     def run(cls):
         params = [torch.nn.Parameter(torch.full((5,), 1.0 + i)) for i in range(4)]
@@ -836,6 +844,75 @@ def test_replacing_a_step_counter_or_a_state_tensor_of_one_group_between_steps(a
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key])
+
+
+# The cached check of persistent grads: per-attribute passes at the first unchanged step, one
+# TensorGuards call (_fused._metadata_guard) from the second on; each must see every change.
+PERSISTENT_STEPS = pytest.mark.parametrize("steps", [1, 3], ids=["first unchanged step", "guarded steps"])
+
+
+@PERSISTENT_STEPS
+@pytest.mark.parametrize("param_layout", ["contiguous", "transposed"])
+def test_a_persistent_grad_given_other_strides_in_place_is_seen(param_layout, steps):
+    """The same grad object at the same address with the same shape and dtype, re-strided in place
+    (as_strided_): the cached check (contiguity for contiguous params, strides for the others)
+    must see it, and the step read the grad's elements as torch does."""
+
+    def run(cls):
+        base = torch.arange(35, dtype=torch.float32).reshape(5, 7) / 10
+        p = torch.nn.Parameter(base.clone() if param_layout == "contiguous" else base.t().contiguous().t())
+        opt = cls([p], lr=0.1, momentum=0.9)
+        p.grad = torch.empty_strided(p.shape, p.stride()).copy_(torch.linspace(-1, 1, 35).reshape(5, 7))
+        for _ in range(steps):
+            opt.step()
+        # Same storage, same first element, same shape: elements read in another order.
+        other = (1, 5) if param_layout == "contiguous" else (7, 1)
+        p.grad.as_strided_(p.shape, other)
+        opt.step()
+        return p.detach().clone()
+
+    ours, theirs = run(pyfused.optim.SGD), run(torch.optim.SGD)
+    assert_close(ours, theirs)
+
+
+@PERSISTENT_STEPS
+def test_a_persistent_grad_given_new_memory_is_read(steps):
+    """The same grad object, its memory replaced (`.data =`, same shape, strides and dtype): the
+    step must read the new memory."""
+
+    def run(cls):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 35))
+        opt = cls([p], lr=0.1, momentum=0.9)
+        p.grad = torch.full((35,), 0.5)
+        for _ in range(steps):
+            opt.step()
+        p.grad.data = torch.linspace(2, 3, 35)
+        opt.step()
+        return p.detach().clone()
+
+    assert_close(run(pyfused.optim.SGD), run(torch.optim.SGD))
+
+
+@PERSISTENT_STEPS
+@pytest.mark.parametrize("how", ["resize_", "view as int32", "reshaped in place"])
+def test_a_persistent_grad_changed_in_place_is_refused(how, steps):
+    """The same grad object at the same address, now of another shape or dtype: refused, as torch
+    refuses it, with nothing changed."""
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    opt = pyfused.optim.Adam([p], lr=1e-3)
+    p.grad = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.step()
+    if how == "resize_":
+        p.grad.resize_(32)
+    elif how == "view as int32":
+        p.grad.data = p.grad.data.view(torch.int32)
+    else:  # same numel, still contiguous
+        p.grad.resize_(8, 8)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="does not match the param"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
 
 
 # --- one kernel call per dtype, across param groups (tests/test_optim_groups.py has more) --------

@@ -43,6 +43,11 @@ from torch.optim.optimizer import _get_scalar_dtype
 from pyfused import _backend, _cpp
 from pyfused.optim.stats import StepStats
 
+try:  # dynamo's C++ tensor check: type, dtype, device, sizes and strides of many tensors in one call
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # a torch without it: the per-attribute passes alone
+    _TensorGuards = None
+
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _REAL_DTYPES = _cpp.REAL_DTYPES
 _grad_of = operator.attrgetter("grad")
@@ -52,6 +57,7 @@ _shape_of = operator.attrgetter("shape")
 _device_of = operator.attrgetter("device")
 _stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
 _deref = weakref.ref.__call__
 _capturable = operator.methodcaller("get", "capturable")
 _first = operator.itemgetter(0)
@@ -137,6 +143,17 @@ def _check_same_sharding(p, t, where, what):
         )
 
 
+def _metadata_guard(tensors):
+    """A check that tensors still have their current type, dtype, device, shape and strides (and
+    requires_grad and dispatch keys, whose change only sends a step to the full check), made in
+    one C++ pass: dynamo's TensorGuards, which keeps no reference to them. Built only for grads
+    that persist across steps: building it costs more than one step's passes. None without it."""
+    if _TensorGuards is None:
+        return None
+    return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                         dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+
 def _overlapping_pair(regions):
     """Two of the (start, end, owner) byte ranges that overlap, or None."""
     regions = sorted(r for r in regions if r[0] != r[1])
@@ -165,6 +182,9 @@ class _Bucket:
         shards = list(map(_local, params))
         self.shapes = [p.shape for p in shards]
         self.strides = [p.stride() for p in shards]
+        # Every param contiguous: a grad that is contiguous with the param's shape then has the
+        # param's memory layout (is_contiguous() costs less than stride() and its comparison).
+        self.contiguous = all(p.is_contiguous() for p in shards)
         self.dtypes = [dtype] * self.n
         self.devices = [device] * self.n
         is_dtensor = [_is_dtensor(p) for p in params]
@@ -172,7 +192,9 @@ class _Bucket:
         # checks): their meshes and placements.
         self.layouts = [_dtensor_layout(p) for p in params] if any(is_dtensor) else None
         self.is_dtensor = is_dtensor
-        # Picks this bucket's grads out of the step's grad list.
+        # Picks this bucket's grads out of the step's grad list; the usual single bucket, which
+        # holds every param in order, takes the list as it is.
+        self.whole = positions == list(range(len(positions)))
         if len(positions) == 1:
             self.select = lambda grads, i=positions[0]: [grads[i]]
         else:
@@ -208,6 +230,7 @@ class _Bucket:
             self.steps_are_double = self.step_tensors[0].dtype == torch.float64
             self.steps = array.array("q", map(_data_ptr, self.step_tensors))
         self.checked = None  # weak references to the grads load_grads() last checked
+        self.guard = None  # their metadata, once a step found them unchanged (_metadata_guard)
         self.grad_addresses = None
         # Flags mark a tensor's first step only: cleared by the plan's commit().
         self.flags = array.array("q", flags) if any(flags) else None
@@ -219,20 +242,28 @@ class _Bucket:
     def load_grads(self, grads):
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
         Their types the plan has checked."""
-        grads = self.select(grads)
+        if not self.whole or len(grads) != self.n:
+            grads = self.select(grads)
         # The grads the last step checked, if they are still the same tensors with the same
-        # address, strides, shape and dtype (weak references: holding a grad would keep its memory
+        # address, layout, shape and dtype (weak references: holding a grad would keep its memory
         # alive after zero_grad()), need no other check: their addresses are in the table already.
-        # A grad resized or re-viewed in place (`.data =`) keeps its identity, not its metadata.
+        # A grad resized, transposed or re-viewed in place (`.data =`) keeps its identity, not its
+        # metadata. Layout: the param's strides, or (every param contiguous) contiguity, which
+        # with the shape fixes the same strides up to those of size-1 dims, which move nothing.
+        # From the second unchanged step on, one guard call checks shapes, strides and dtypes.
         if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
-            if (
-                list(map(_stride_of, grads)) == self.strides
-                and list(map(_data_ptr, grads)) == self.grad_addresses
+            if self.guard is not None:
+                if list(map(_data_ptr, grads)) == self.grad_addresses and self.guard.check(*grads):
+                    return []
+            elif (
+                list(map(_data_ptr, grads)) == self.grad_addresses
                 and list(map(_shape_of, grads)) == self.shapes
+                and (all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride_of, grads)) == self.strides)
                 and list(map(_dtype_of, grads)) == self.dtypes
             ):
+                self.guard = _metadata_guard(grads)
                 return []
-        self.checked = None
+        self.checked = self.guard = None
         copies = self._check_grads(grads)
         if not copies and self.layouts is None:
             self.grad_addresses = self.addresses[self.n : 2 * self.n].tolist()
@@ -278,31 +309,59 @@ class _Bucket:
         return copies
 
 
+def _usable_dict_version():
+    """dynamo's dict_version (CPython's per-dict version tag, which every insertion, replacement
+    and deletion moves to a value no dict had), if this torch and Python have one that moves;
+    else None."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:
+        return None
+    d = {"a": 0}
+    seen = [dict_version(d)]
+    for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b")):
+        change()
+        seen.append(dict_version(d))
+    return dict_version if len(set(seen)) == len(seen) else None
+
+
+_dict_version = _usable_dict_version()
+
+
 class _StateSnapshot:
-    """The optimizer's per-param state dicts and the values in them, which the plan's tables were
-    built from, for a check by identity (_same) each step."""
+    """The optimizer's per-param state dicts, which the plan's tables were built from, and what
+    was in them: a replaced dict is another object (_same), a tensor assigned into one or a key
+    deleted moves its version (one C call per dict). Without versions, the values are compared
+    by identity instead."""
 
     def __init__(self, dicts):
-        # Where every dict has the same keys (the common case), an itemgetter reads their values
-        # in one call per dict (dict.values makes a view and an iterator per dict); a key that
-        # appears later is not one the tables use.
-        layouts = set(map(tuple, dicts))
-        keys = layouts.pop() if len(layouts) == 1 else ()
-        self.values_of = operator.itemgetter(*keys) if len(keys) > 1 else dict.values
         self.dicts = dicts
-        self.values = self._values()
+        self.versions = None if _dict_version is None else list(map(_dict_version, dicts))
+        # Where every dict has the same keys (the common case), the values are read key by key:
+        # one itemgetter pass and one identity pass per key, with no tuple per dict. A key that
+        # appears later is not one the tables use; one deleted raises KeyError.
+        layouts = set(map(tuple, dicts))
+        keys = layouts.pop() if len(layouts) == 1 else None
+        self.getters = None if keys is None else list(map(operator.itemgetter, keys))
+        self.values = None if self.versions is not None else self._values()
 
     def _values(self):
-        return list(itertools.chain.from_iterable(map(self.values_of, self.dicts)))
+        if self.getters is None:
+            return list(itertools.chain.from_iterable(map(dict.values, self.dicts)))
+        return [list(map(getter, self.dicts)) for getter in self.getters]
 
     def unchanged(self, state) -> bool:
         if not _same(state.values(), self.dicts):
             return False
+        if self.versions is not None:
+            return list(map(_dict_version, self.dicts)) == self.versions
         try:
-            values = self._values()
+            if self.getters is None:
+                return _same(self._values(), self.values)
+            return all(_same(list(map(getter, self.dicts)), values)
+                       for getter, values in zip(self.getters, self.values))
         except KeyError:  # a key deleted
             return False
-        return _same(values, self.values)
 
 
 class _Plan:
