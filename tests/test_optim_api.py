@@ -938,3 +938,31 @@ def test_one_call_per_dtype_across_groups(name, monkeypatch):
         calls.clear()
         opt.step()
         assert sorted(calls) == sorted([(0, 14), (3, 2), (1, 1), (2, 1)]), calls
+
+
+@pytest.mark.parametrize("broken", ["raises", "always passes"])
+def test_private_torch_checks_are_used_only_where_they_behave(broken, monkeypatch):
+    """dynamo's TensorGuards and dict_version are private: a torch where one raises, or says
+    'unchanged' after a change, gets the plain checks (None), not an error or a stale table."""
+    import torch._C._dynamo.guards as guards
+
+    from pyfused.optim import _fused
+
+    class Guards:
+        def __init__(self, *args, **kwargs):
+            if broken == "raises":
+                raise TypeError("unexpected keyword argument")
+
+        def check(self, *tensors):
+            return True
+
+    def dict_version(d):
+        if broken == "raises":
+            raise RuntimeError("failed to add version watcher")
+        return 0
+
+    assert _fused._usable_tensor_guards() is not None and _fused._usable_dict_version() is not None
+    monkeypatch.setattr(guards, "TensorGuards", Guards)
+    monkeypatch.setattr(guards, "dict_version", dict_version)
+    assert _fused._usable_tensor_guards() is None
+    assert _fused._usable_dict_version() is None

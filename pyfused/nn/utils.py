@@ -277,6 +277,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     grads = [g for g in map(_grad_of, parameters) if g is not None]
     buffers = _arena_buffers(grads, norm_type)
     total_norm = get_total_norm(buffers or grads, norm_type, error_if_nonfinite, foreach, group=group)
+    if buffers is not None:  # on the first grad's device, as torch's (the buffers come per arena)
+        total_norm = total_norm.to(grads[0].device)
     if buffers is None or optimizer is not None:
         clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, optimizer=optimizer)
     else:

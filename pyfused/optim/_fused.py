@@ -43,10 +43,6 @@ from torch.optim.optimizer import _get_scalar_dtype
 from pyfused import _backend, _cpp
 from pyfused.optim.stats import StepStats
 
-try:  # dynamo's C++ tensor check: type, dtype, device, sizes and strides of many tensors in one call
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except ImportError:  # a torch without it: the per-attribute passes alone
-    _TensorGuards = None
 
 _DTYPE_CODES = _cpp.DTYPE_CODES
 _REAL_DTYPES = _cpp.REAL_DTYPES
@@ -143,15 +139,35 @@ def _check_same_sharding(p, t, where, what):
         )
 
 
+def _new_guard(guards_class, tensors):
+    return guards_class(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                        dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+
+def _usable_tensor_guards():
+    """dynamo's TensorGuards (a private API), if this torch has one that builds as _new_guard
+    builds it, passes an unchanged tensor and fails a resized one; else None."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        t = torch.zeros(4)
+        guard = _new_guard(TensorGuards, [t])
+        passed = guard.check(t)
+        t.resize_(5)
+        return TensorGuards if passed and not guard.check(t) else None
+    except Exception:  # absent, or its signature or behaviour changed: the per-attribute passes alone
+        return None
+
+
+_TensorGuards = _usable_tensor_guards()
+
+
 def _metadata_guard(tensors):
     """A check that tensors still have their current type, dtype, device, shape and strides (and
     requires_grad and dispatch keys, whose change only sends a step to the full check), made in
     one C++ pass: dynamo's TensorGuards, which keeps no reference to them. Built only for grads
     that persist across steps: building it costs more than one step's passes. None without it."""
-    if _TensorGuards is None:
-        return None
-    return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                         dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    return None if _TensorGuards is None else _new_guard(_TensorGuards, tensors)
 
 
 def _overlapping_pair(regions):
@@ -315,13 +331,14 @@ def _usable_dict_version():
     else None."""
     try:
         from torch._C._dynamo.guards import dict_version
-    except ImportError:
+
+        d = {"a": 0}
+        seen = [dict_version(d)]
+        for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b")):
+            change()
+            seen.append(dict_version(d))
+    except Exception:  # absent, or it cannot watch dicts here (Python 3.12+ registers a watcher)
         return None
-    d = {"a": 0}
-    seen = [dict_version(d)]
-    for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b")):
-        change()
-        seen.append(dict_version(d))
     return dict_version if len(set(seen)) == len(seen) else None
 
 
