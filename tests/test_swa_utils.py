@@ -712,6 +712,9 @@ _CHANGES = {
                      "param 0: the average is torch.float16, the param torch.float32"),
     "model-double": ("model.double()", "TypeError", "param 0: the average is torch.float32, the param torch.float64"),
     "average-resized": ("ours.module.flat[3].data = torch.zeros(3)", "ValueError", "param 4: the average \\(\\(3,\\)"),
+    # the same address, fewer elements (only the sizes show it)
+    "average-narrowed": ("ours.module.flat[3].data = ours.module.flat[3].data[:3]", "ValueError",
+                         "param 4: the average \\(\\(3,\\)"),
     "param-double": ("model.flat[2].data = model.flat[2].data.double()", "TypeError", "param 3: the average is "
                      "torch.float32, the param torch.float64"),
     "model-new-parameter": ("model.flat[2] = nn.Parameter(model.flat[2].detach().clone())", "ValueError",

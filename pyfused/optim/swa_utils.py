@@ -41,7 +41,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _REAL_DTYPES, _is_dense, _overlapping_pair, _same, _unaddressable
+from pyfused.optim._fused import _REAL_DTYPES, _is_dense, _metadata_guard, _overlapping_pair, _same, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -215,8 +215,10 @@ class _Layout:
     """The addresses, dtypes, sizes and strides of some tensors, and whether they still hold
     (unchanged(), with C-level passes only)."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, guard=False):
         self.tensors = tensors
+        # guard: the metadata checked in one C++ pass (_metadata_guard), for a check each step.
+        self.guard = _metadata_guard(tensors) if guard else None
         # No device: a tensor moved to another device has another address (CUDA's and the
         # host's do not meet).
         self.addresses = list(map(_data_ptr, tensors))
@@ -235,6 +237,8 @@ class _Layout:
         # all(map(...)) over the same lengths: no list built (a third less than list ==); dtypes
         # and the flags compare by identity.
         tensors = self.tensors
+        if self.guard is not None:
+            return all(map(operator.eq, map(_data_ptr, tensors), self.addresses)) and self.guard.check(*tensors)
         return (all(map(operator.eq, map(_data_ptr, tensors), self.addresses))
                 and all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
                 and all(map(operator.is_, map(_is_contiguous, tensors), self.contiguous))
@@ -461,7 +465,7 @@ class _StepAverage:
                                      "kernels need its memory")
         self.params, self.model_walk, self.average_walk = list(params), model_walk, average_walk
         self.averages = paired
-        self.layout = _Layout([] if paired is None else paired + self.params)
+        self.layout = _Layout([] if paired is None else paired + self.params, guard=True)
 
     def addresses(self, bucket):
         """The averages of the bucket's tensors, in its order (array('q')), checked apart from
