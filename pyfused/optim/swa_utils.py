@@ -41,7 +41,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _is_dense, _overlapping_pair, _same, _unaddressable
+from pyfused.optim._fused import _REAL_DTYPES, _is_dense, _metadata_guard, _overlapping_pair, _same, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -106,6 +106,9 @@ class _Ema(_MultiAvgFn):
         self._torch = _torch_swa.get_ema_multi_avg_fn(decay)  # checks decay, with torch's message
         self.decay = decay
 
+    def __reduce__(self):  # torch's closure does not pickle; rebuilt from decay
+        return _Ema, (self.decay,)
+
     def weight(self, n_averaged: int) -> float:
         return 1 - self.decay
 
@@ -113,6 +116,9 @@ class _Ema(_MultiAvgFn):
 class _Swa(_MultiAvgFn):
     def __init__(self):
         self._torch = _torch_swa.get_swa_multi_avg_fn()
+
+    def __reduce__(self):
+        return _Swa, ()
 
     def weight(self, n_averaged: int) -> float:
         # torch: 1 / (n_averaged + 1) on the long counter, which divides in the default dtype.
@@ -187,17 +193,7 @@ class _Plan:
         pairs = min(len(averaged), len(current))  # torch zips them, strict=False
         del averaged[pairs:], current[pairs:]
         self.averaged, self.current = averaged, current
-        self.both = both = averaged + current
-        # No device: a tensor moved to another device has another address (CUDA's and the
-        # host's do not meet).
-        self.addresses = list(map(_data_ptr, both))
-        self.dtypes = list(map(_dtype_of, both))
-        self.sizes = list(map(_size, both))
-        # Strides only where not contiguous: contiguous with the same sizes is the same memory
-        # order, and is_contiguous() is a flag, where stride() builds a tuple.
-        self.contiguous = list(map(_is_contiguous, both))
-        self.strided = list(itertools.compress(range(len(both)), map(operator.not_, self.contiguous)))
-        self.strides = self._strides(both)
+        self.layout = _Layout(averaged + current)
         fused = {}
         self.rest = []  # positions of the pairs torch's code averages
         for i, (a, m) in enumerate(zip(averaged, current)):
@@ -210,21 +206,44 @@ class _Plan:
         # An average sharing memory with another tensor: torch's tensor-by-tensor order decides.
         self.overlap = any(g.overlap for g in self.groups)
 
-    def _strides(self, both):
-        return list(map(_stride, map(both.__getitem__, self.strided)))
-
     def unchanged(self, walks) -> bool:
         # The same objects walked in the same order: the same pairs, without the dedup's cost.
-        if not (len(walks) == len(self.walks) and all(map(_same, walks, self.walks))):
-            return False
+        return len(walks) == len(self.walks) and all(map(_same, walks, self.walks)) and self.layout.unchanged()
+
+
+class _Layout:
+    """The addresses, dtypes, sizes and strides of some tensors, and whether they still hold
+    (unchanged(), with C-level passes only)."""
+
+    def __init__(self, tensors, guard=False):
+        self.tensors = tensors
+        # guard: the metadata checked in one C++ pass (_metadata_guard), for a check each step.
+        self.guard = _metadata_guard(tensors) if guard else None
+        # No device: a tensor moved to another device has another address (CUDA's and the
+        # host's do not meet).
+        self.addresses = list(map(_data_ptr, tensors))
+        self.dtypes = list(map(_dtype_of, tensors))
+        self.sizes = list(map(_size, tensors))
+        # Strides only where not contiguous: contiguous with the same sizes is the same memory
+        # order, and is_contiguous() is a flag, where stride() builds a tuple.
+        self.contiguous = list(map(_is_contiguous, tensors))
+        self.strided = list(itertools.compress(range(len(tensors)), map(operator.not_, self.contiguous)))
+        self.strides = self._strides()
+
+    def _strides(self):
+        return list(map(_stride, map(self.tensors.__getitem__, self.strided)))
+
+    def unchanged(self) -> bool:
         # all(map(...)) over the same lengths: no list built (a third less than list ==); dtypes
         # and the flags compare by identity.
-        both = self.both
-        return (all(map(operator.eq, map(_data_ptr, both), self.addresses))
-                and all(map(operator.is_, map(_dtype_of, both), self.dtypes))
-                and all(map(operator.is_, map(_is_contiguous, both), self.contiguous))
-                and all(map(operator.eq, map(_size, both), self.sizes))
-                and self._strides(both) == self.strides)
+        tensors = self.tensors
+        if self.guard is not None:
+            return all(map(operator.eq, map(_data_ptr, tensors), self.addresses)) and self.guard.check(*tensors)
+        return (all(map(operator.eq, map(_data_ptr, tensors), self.addresses))
+                and all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
+                and all(map(operator.is_, map(_is_contiguous, tensors), self.contiguous))
+                and all(map(operator.eq, map(_size, tensors), self.sizes))
+                and self._strides() == self.strides)
 
 
 class AveragedModel(_torch_swa.AveragedModel):
@@ -346,10 +365,18 @@ class AveragedModel(_torch_swa.AveragedModel):
         self._first = None
         return super().load_state_dict(state_dict, strict, assign)
 
-    def __getstate__(self):  # a weak reference does not pickle; an unpickled copy has no model
+    def __getstate__(self):
+        # A weak reference does not pickle: a copy (pickled, torch.save'd or deep-copied) has no
+        # model for average=. The plan holds the model's tensors, which are not the copy's to keep.
         state = dict(self.__dict__)
-        state["_source"] = lambda: None
+        state["_source"] = _no_model
+        state["_plan"] = None
         return state
+
+
+def _no_model():
+    """The _source of an AveragedModel copied by pickle or deepcopy (a module-level function pickles)."""
+    return None
 
 
 def _lerp_weight(fn, device, n):
@@ -368,10 +395,12 @@ class _StepAverage:
     get_ema_multi_avg_fn or get_swa_multi_avg_fn, or None on a device with foreach kernels (CUDA);
     use_buffers=False (the buffers are then copied from the model after the step, as torch
     does); every param has a grad (a param without one is averaged all the same by
-    update_parameters); bias_correction is off or past its first update. Otherwise (a custom
-    avg_fn or multi_avg_fn, the default on CPU, which divides, use_buffers=True, whose buffers
-    are averaged too) the step calls update_parameters(model) after the update: the same
-    result, in a second pass."""
+    update_parameters); past the first update, which copies; the optimizer holds
+    every param of the model (a frozen one, requires_grad=False, left out is averaged all the
+    same by update_parameters). Otherwise (a custom avg_fn or multi_avg_fn, the default on CPU,
+    which divides, use_buffers=True, whose buffers are averaged too, frozen params outside the
+    optimizer) the step calls update_parameters(model) after the update: the same result, in a
+    second pass."""
 
     def __init__(self, averaged, name, params):
         if not isinstance(averaged, AveragedModel):
@@ -379,44 +408,64 @@ class _StepAverage:
                             f"{type(averaged).__module__}.{type(averaged).__qualname__}")
         self.averaged = averaged
         self.name = name
-        self.params = None
+        self.layout = None  # of the paired averages and params, while pair() holds
         self.pair(params)
 
     @property
     def model(self):
         model = self.averaged._source()
         if model is None:
-            raise RuntimeError(f"{self.name}: the model the AveragedModel of average= was built from is gone")
+            raise RuntimeError(f"{self.name}: the model the AveragedModel of average= was built from is gone (a "
+                               "pickled or deep-copied AveragedModel has none: build one from the model)")
         return model
 
     def pair(self, params):
-        """The average of each param (the optimizer's, group by group), checked like state."""
-        if self.params is not None and len(params) == len(self.params) and all(map(operator.is_, params, self.params)):
-            return self.averages
-        model_params = list(self.model.parameters())
-        averages = list(self.averaged.module.parameters())
+        """Pairs each param (the optimizer's, group by group) with its average, checked like
+        state; rechecked whenever a param or average is another object, or has moved, changed
+        dtype, sizes or strides (a module's .half() or .to(), `p.data =`, flat=True's arena, a
+        load_state_dict(assign=True)). Sets self.averages, or None where the step must call
+        update_parameters instead: the model has frozen params the optimizer does not hold."""
+        model_walk = _walk(self.model, "_parameters")
+        average_walk = _walk(self.averaged.module, "_parameters")
+        if (self.layout is not None and _same(params, self.params) and _same(model_walk, self.model_walk)
+                and _same(average_walk, self.average_walk) and self.layout.unchanged()):
+            return
+        self.layout = None  # until the checks below pass
+        model_params = _first_each(model_walk)
+        averages = _first_each(average_walk)
         index = {id(p): i for i, p in enumerate(model_params)}
-        if len(averages) != len(model_params) or len(params) != len(model_params) or not all(
+        if len(averages) != len(model_params) or len(params) > len(model_params) or not all(
                 id(p) in index for p in params):
             raise ValueError(
-                f"{self.name}: average= must average exactly the optimizer's params: the optimizer has "
-                f"{len(params)}, the AveragedModel's model {len(model_params)} and its copy {len(averages)}, "
-                f"{sum(id(p) not in index for p in params)} of the optimizer's not in the model")
-        paired = [averages[index[id(p)]] for p in params]
-        for k, (p, a) in enumerate(zip(params, paired)):
-            where = f"{self.name}: average= param {k}"
-            if a.dtype != p.dtype:
-                raise TypeError(f"{where}: the average is {a.dtype}, the param {p.dtype}")
-            if a.shape != p.shape or a.device != p.device or a.stride() != p.stride():
+                f"{self.name}: average= must average exactly the optimizer's params (and the model's frozen "
+                f"ones): the optimizer has {len(params)}, the AveragedModel's model {len(model_params)} and its "
+                f"copy {len(averages)}, {sum(id(p) not in index for p in params)} of the optimizer's not in the model")
+        if len(params) < len(model_params):
+            held = set(map(id, params))
+            if any(p.requires_grad for p in model_params if id(p) not in held):
                 raise ValueError(
-                    f"{where}: the average ({tuple(a.shape)}, strides {a.stride()}, {a.device}) is not laid out "
-                    f"as the param ({tuple(p.shape)}, strides {p.stride()}, {p.device}); the kernels need both alike")
-            reason = _unaddressable(a)
-            if reason is not None or type(a) not in _PLAIN or not _is_dense(a):
-                raise ValueError(f"{where}: the average {reason or 'is not a dense plain tensor'}; pyfused's "
-                                 "kernels need its memory")
-        self.params, self.averages = list(params), paired
-        return paired
+                    f"{self.name}: average= must average exactly the optimizer's params: the model has "
+                    f"{len(model_params)}, the optimizer {len(params)}, and only a frozen param "
+                    "(requires_grad=False) may be left out")
+            paired = None  # update_parameters averages the frozen ones too
+        else:
+            paired = [averages[index[id(p)]] for p in params]
+            for k, (p, a) in enumerate(zip(params, paired)):
+                where = f"{self.name}: average= param {k}"
+                if a.dtype != p.dtype:
+                    raise TypeError(f"{where}: the average is {a.dtype}, the param {p.dtype}")
+                if a.shape != p.shape or a.device != p.device or a.stride() != p.stride():
+                    raise ValueError(
+                        f"{where}: the average ({tuple(a.shape)}, strides {a.stride()}, {a.device}) is not laid "
+                        f"out as the param ({tuple(p.shape)}, strides {p.stride()}, {p.device}); the kernels need "
+                        "both alike")
+                reason = _unaddressable(a)
+                if reason is not None or type(a) not in _PLAIN or not _is_dense(a):
+                    raise ValueError(f"{where}: the average {reason or 'is not a dense plain tensor'}; pyfused's "
+                                     "kernels need its memory")
+        self.params, self.model_walk, self.average_walk = list(params), model_walk, average_walk
+        self.averages = paired
+        self.layout = _Layout([] if paired is None else paired + self.params, guard=True)
 
     def addresses(self, bucket):
         """The averages of the bucket's tensors, in its order (array('q')), checked apart from
@@ -426,11 +475,13 @@ class _StepAverage:
         cached = bucket.__dict__.get("average_addresses")
         if cached is not None and cached[0] == now:
             return cached[1]
-        n, element = bucket.n, averages[0].element_size() if averages else 1
+        # The bucket's rows hold its (real) dtype, numels counted in it; each average is its param's
+        # dtype and size (pair() checked).
+        n, element = bucket.n, _REAL_DTYPES.get(bucket.dtype, bucket.dtype).itemsize
         numels = bucket.numels.tolist()
         rows = [bucket.addresses[r * n:(r + 1) * n] for r in range(len(bucket.addresses) // max(n, 1)) if r != 1]
         regions = [(a, a + e * element, 0) for row in rows for a, e in zip(row, numels)]
-        regions += [(a, a + e * element, 1) for a, e in zip(now, numels)]
+        regions += [(a, a + t.numel() * t.element_size(), 1) for a, t in zip(now, averages)]
         pair = _overlapping_pair(regions)
         if pair is not None:
             raise RuntimeError(f"{self.name}: an average of average= shares memory with "
@@ -441,18 +492,20 @@ class _StepAverage:
         return table
 
     def fused_weight(self, device, all_stepped):
-        """The kernels' lerp weight for this step (1 for the first update: a copy), or None when
-        the step must call update_parameters instead (class docstring)."""
+        """The kernels' lerp weight for this step, or None when the step must call
+        update_parameters instead (class docstring)."""
         m = self.averaged
         fn = m.multi_avg_fn
+        if self.averages is None:  # frozen params the optimizer does not hold (pair())
+            return None
         if m.avg_fn is not None or not (fn is None or isinstance(fn, _MultiAvgFn)) or m.use_buffers:
             return None
         if not all_stepped:
             return None
         n = int(m.n_averaged)
-        if n < 0 or (n == 0 and m.bias_correction):
-            return None
-        return 1.0 if n == 0 else _lerp_weight(fn, device, n)
+        # The first update copies: a lerp by 1 would not (an inf or NaN average stays NaN, and
+        # -1 lerped to -0.0 gives +0.0); update_parameters copies, once.
+        return None if n <= 0 else _lerp_weight(fn, device, n)
 
     def finish(self, fused):
         """After a step that was not skipped: what update_parameters does besides the lerp, or
