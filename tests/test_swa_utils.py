@@ -18,6 +18,7 @@ from torch.optim import swa_utils as T
 
 import pyfused
 from pyfused.optim import swa_utils as P
+from test_optim_stats import CONFIGS as OPTIMIZERS  # the stats tests' realistic hyperparameters
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = (0, 1, 7, 65539)  # 65539: several of the driver's chunks and a ragged tail
@@ -448,14 +449,6 @@ def test_walks_the_tensors_torch_walks():
 
 
 # average= of the optimizers: the step lerps the averages in its kernel pass (swa_utils._StepAverage).
-OPTIMIZERS = {
-    "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "Adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01),
-    "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01),
-    "Adam": dict(lr=1e-3, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=1e-3, weight_decay=0.1),
-    "Adadelta": dict(lr=1.0, weight_decay=0.01),
-}
 STEP_FNS = {  # decay 0.9: weight 0.1 (lerp's first formula); SWA's first weight 1/2 (the other)
     "ema0.999": FNS["ema0.999"],
     "ema0.9": (lambda: T.get_ema_multi_avg_fn(0.9), lambda: P.get_ema_multi_avg_fn(0.9)),
@@ -729,11 +722,12 @@ def test_step_average_refuses_a_changed_pairing(change, flat):
     anything moves. In a subprocess: unchecked, the kernel writes out of the average's bounds."""
     statement, error, message = _CHANGES[change]
     script = f"""
-import re, torch
+import re, sys, torch
 from torch import nn
 import pyfused
 from pyfused.optim import swa_utils as P
-from tests.test_swa_utils import StepNet
+sys.path.insert(0, 'tests')  # as pytest imports the test modules
+from test_swa_utils import StepNet
 model = StepNet(torch.float32)
 ours = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(0.5))
 opt = pyfused.optim.SGD(model.parameters(), lr=0.1, average=ours, flat={flat})

@@ -17,15 +17,8 @@ from torch.optim import swa_utils as T
 import pyfused
 from pyfused.optim import swa_utils as P
 from triton_suite import DEVICE, INTERPRETED
+from test_stats import CONFIGS as OPTIMIZERS  # the stats tests' realistic hyperparameters
 
-OPTIMIZERS = {
-    "SGD": dict(lr=1e-2, momentum=0.9, weight_decay=0.01),
-    "Adagrad": dict(lr=1e-2, weight_decay=0.01),
-    "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
-    "Adam": dict(lr=1e-3, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=1e-3, weight_decay=0.1),
-    "Adadelta": dict(lr=1.0, weight_decay=0.01),
-}
 FNS = {
     "ema0.9": (lambda: T.get_ema_multi_avg_fn(0.9), lambda: P.get_ema_multi_avg_fn(0.9)),
     "swa": (T.get_swa_multi_avg_fn, P.get_swa_multi_avg_fn),
