@@ -407,11 +407,12 @@ void stats(const BnShape& s, const void* x, double* mean, double* m2) {
 
 // Per-channel coefficients, rounded to opmath once, expanded to one per column in the rows walk;
 // zero-padded to whole tiles, which the rows walk's reductions load.
+// Filled channel by channel: a division per column cost (256, 1024)'s grad_input pass ~10%.
 template <class Op>
 std::vector<Op> per_column(const BnShape& s, bool planar, const double* values) {
-  const int64_t n = planar ? s.channels : s.channels * s.inner;
+  const int64_t repeat = planar ? 1 : s.inner, n = s.channels * repeat;
   std::vector<Op> out((n + kTile - 1) / kTile * kTile);
-  for (int64_t k = 0; k < n; ++k) out[k] = Op(values[planar ? k : k / s.inner]);
+  for (int64_t c = 0; c < s.channels; ++c) std::fill_n(out.data() + c * repeat, repeat, Op(values[c]));
   return out;
 }
 

@@ -145,6 +145,18 @@ void tensor_scalars(int optimizer, int dtype, int64_t n_tensors, uintptr_t steps
   isa().tensor_scalars(which, DType(dtype), table, address<double>(hypers), reinterpret_cast<double*>(out));
 }
 
+// A fresh output of megabytes is first touched by the kernel, and with 4 KiB pages the page
+// faults cost more than the kernel itself: its whole 2 MiB pages are asked to be huge ones (what
+// torch's allocator does for every allocation under THP_MEM_ALLOC_ENABLE=1). Advice only: where
+// transparent huge pages are off, or the call fails, nothing changes.
+void advise_huge_pages(uintptr_t begin, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 // Batch normalization (csrc/batchnorm.h). Python checks shapes, dtypes and layouts.
 DType checked_dtype(int dtype) {
   if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
@@ -156,6 +168,13 @@ BnShape bn_shape(int64_t outer, int64_t channels, int64_t inner, int threads) {
   return BnShape{outer, channels, inner, threads < 1 ? 1 : threads};
 }
 
+// fresh: the output of s's extent at `out` (y, dx) was just allocated, see advise_huge_pages.
+void advise_fresh_output(bool fresh, DType d, const BnShape& s, uintptr_t out) {
+  if (!fresh || out == 0) return;
+  const size_t element_size = d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
+  advise_huge_pages(out, size_t(s.outer) * size_t(s.channels) * size_t(s.inner) * element_size);
+}
+
 void bn_stats(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t mean,
               uintptr_t m2, int threads) {
   DType d = checked_dtype(dtype);
@@ -165,10 +184,11 @@ void bn_stats(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr
 }
 
 void bn_normalize(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t y,
-                  uintptr_t scale, uintptr_t shift, bool relu, int threads) {
+                  uintptr_t scale, uintptr_t shift, bool relu, int threads, bool fresh_out) {
   DType d = checked_dtype(dtype);
   BnShape s = bn_shape(outer, channels, inner, threads);
   py::gil_scoped_release no_gil;
+  advise_fresh_output(fresh_out, d, s, y);
   isa().bn_normalize(d, s, address<void>(x), mutable_address<void>(y), address<double>(scale),
                      address<double>(shift), relu);
 }
@@ -185,10 +205,12 @@ void bn_grad_sums(int dtype, int64_t outer, int64_t channels, int64_t inner, uin
 }
 
 void bn_grad_input(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t dy, uintptr_t x,
-                   uintptr_t dx, uintptr_t coefficients, bool relu, bool training, int threads) {
+                   uintptr_t dx, uintptr_t coefficients, bool relu, bool training, int threads,
+                   bool fresh_out) {
   DType d = checked_dtype(dtype);
   BnShape s = bn_shape(outer, channels, inner, threads);
   py::gil_scoped_release no_gil;
+  advise_fresh_output(fresh_out, d, s, dx);
   isa().bn_grad_input(d, s, address<void>(dy), address<void>(x), mutable_address<void>(dx),
                       address<double>(coefficients), relu, training);
 }
@@ -215,23 +237,12 @@ void bn_backward_finalize(int param_dtype, int64_t channels, double count, bool 
   isa().bn_backward_finalize(checked_dtype(param_dtype), f);
 }
 
-// A fresh output of megabytes is first touched by the kernel, and with 4 KiB pages the page
-// faults cost more than the kernel itself: its whole 2 MiB pages are asked to be huge ones (what
-// torch's allocator does for every allocation under THP_MEM_ALLOC_ENABLE=1). Advice only: where
-// transparent huge pages are off, or the call fails, nothing changes.
-void advise_huge_pages(uintptr_t begin, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
-
 // One call per training or eval forward: saved ([4][channels] doubles) gets mean, invstd, scale
 // and shift; the running stats move in training. An empty batch leaves them as they are.
 void bn_forward(int dtype, int param_dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x,
                 uintptr_t y, uintptr_t weight, uintptr_t bias, uintptr_t running_mean, uintptr_t running_var,
-                bool training, double momentum, double eps, bool relu, uintptr_t saved, int threads) {
+                bool training, double momentum, double eps, bool relu, uintptr_t saved, int threads,
+                bool fresh_out) {
   DType d = checked_dtype(dtype), p = checked_dtype(param_dtype);
   BnShape s = bn_shape(outer, channels, inner, threads);
   double* out = mutable_address<double>(saved);
@@ -244,13 +255,15 @@ void bn_forward(int dtype, int param_dtype, int64_t outer, int64_t channels, int
                mutable_address<void>(running_mean), mutable_address<void>(running_var), momentum, eps, out,
                out + channels, out + 2 * channels, out + 3 * channels};
   py::gil_scoped_release no_gil;
+  advise_fresh_output(fresh_out, d, s, y);
   isa().bn_forward(d, p, s, address<void>(x), mutable_address<void>(y), f, relu);
 }
 
 // One call per backward, from bn_forward's saved values: dx (if not 0), dweight and dbias (if not 0).
+// fresh_out, here and in the other bindings: the output (y, dx) was just allocated.
 void bn_backward(int dtype, int param_dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t dy,
                  uintptr_t x, uintptr_t dx, uintptr_t saved, uintptr_t weight, uintptr_t bias, uintptr_t dweight,
-                 uintptr_t dbias, bool training, bool relu, int threads) {
+                 uintptr_t dbias, bool training, bool relu, int threads, bool fresh_out) {
   DType d = checked_dtype(dtype), p = checked_dtype(param_dtype);
   BnShape s = bn_shape(outer, channels, inner, threads);
   const double* values = address<double>(saved);
@@ -258,6 +271,7 @@ void bn_backward(int dtype, int param_dtype, int64_t outer, int64_t channels, in
                        values + channels, address<void>(weight), address<void>(bias), mutable_address<void>(dweight),
                        mutable_address<void>(dbias), nullptr};
   py::gil_scoped_release no_gil;
+  advise_fresh_output(fresh_out, d, s, dx);
   isa().bn_backward(d, p, s, address<void>(dy), address<void>(x), mutable_address<void>(dx), f,
                     values + 2 * channels, values + 3 * channels, relu);
 }

@@ -91,7 +91,9 @@ def isa() -> str:
 
 
 # Batch normalization (csrc/batchnorm.h): a dense tensor as (outer, C, inner); per-channel values
-# are float64 CPU tensors. pyfused/nn/batchnorm.py validates everything before these run.
+# are float64 CPU tensors. pyfused/nn/batchnorm.py validates everything before these run. The
+# last argument of the calls that write y or dx, True here, is fresh_out: that output was just
+# allocated, and its pages may be huge ones (csrc/module.cpp, advise_huge_pages).
 
 # Elements per thread below which another thread costs more than it saves: waking a pool worker
 # takes tens of microseconds on a VM, about a pass over 256 Ki fp32 elements (at (256, 1024) two
@@ -133,7 +135,7 @@ def bn_finalize(param_code, counts, stats, weight, bias, running_mean, running_v
 def bn_normalize(x, shape, scale, shift, relu) -> torch.Tensor:
     y = torch.empty_like(x)
     _C.bn_normalize(DTYPE_CODES[x.dtype], *shape, x.data_ptr(), y.data_ptr(), scale.data_ptr(),
-                    shift.data_ptr(), relu, _bn_threads(shape))
+                    shift.data_ptr(), relu, _bn_threads(shape), True)
     return y
 
 
@@ -159,7 +161,7 @@ def bn_backward_finalize(param_code, count, training, sums, mean, invstd, weight
 def bn_grad_input(dy, x, shape, coefficients, relu, training) -> torch.Tensor:
     dx = torch.empty_like(x)
     _C.bn_grad_input(DTYPE_CODES[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-                     coefficients.data_ptr(), relu, training, _bn_threads(shape))
+                     coefficients.data_ptr(), relu, training, _bn_threads(shape), True)
     return dx
 
 
@@ -170,7 +172,7 @@ def bn_forward(x, shape, param_code, weight, bias, running_mean, running_var, tr
     saved = torch.empty(4, shape[1], dtype=torch.float64)
     _C.bn_forward(DTYPE_CODES[x.dtype], param_code, *shape, x.data_ptr(), y.data_ptr(), _address(weight),
                   _address(bias), _address(running_mean), _address(running_var), training, momentum, eps, relu,
-                  saved.data_ptr(), _bn_threads(shape))
+                  saved.data_ptr(), _bn_threads(shape), True)
     return y, saved
 
 
@@ -181,7 +183,7 @@ def bn_backward(dy, x, shape, saved, param_code, weight, bias, need_x, need_w, n
     dbias = torch.empty_like(bias) if need_b else None
     _C.bn_backward(DTYPE_CODES[x.dtype], param_code, *shape, dy.data_ptr(), x.data_ptr(), _address(dx),
                    saved.data_ptr(), _address(weight), _address(bias), _address(dweight), _address(dbias),
-                   training, relu, _bn_threads(shape))
+                   training, relu, _bn_threads(shape), True)
     return dx, dweight, dbias
 
 
