@@ -443,9 +443,63 @@ def test_walks_the_tensors_torch_walks():
             return iter([self.b])
 
     for m in (model, OwnWalk(), T.AveragedModel(model)):
-        assert P._first_each(P._walk(m, "_parameters")) == list(m.parameters())
-        assert P._first_each(P._walk(m, "_buffers")) == list(m.buffers())
-    assert len(P._first_each(P._walk(model, "_parameters"))) == 6  # the shared Linear and the tied weight once
+        assert P._Walked(m, "_parameters").each == list(m.parameters())
+        assert P._Walked(m, "_buffers").each == list(m.buffers())
+    assert len(P._Walked(model, "_parameters").each) == 6  # the shared Linear and the tied weight once
+
+
+class Hidden(nn.Linear):
+    """Walks its own way: its parent's named_modules() does not list it."""
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        return iter(())
+
+
+def _replace_dict(m):  # the old dict stays as it was: only its identity shows the change
+    object.__setattr__(m[0], "_parameters", {**m[0]._parameters, "bias": nn.Parameter(torch.zeros(4))})
+
+
+# Each a change that _Walked's versions alone catch (the same tensors after a dict write: none).
+WALK_CHANGES = {
+    "param replaced": lambda m: setattr(m[0], "weight", nn.Parameter(torch.zeros(4, 3))),
+    "param deleted": lambda m: delattr(m[2][0], "bias"),
+    "module added": lambda m: m.append(nn.Linear(3, 3)),
+    "module replaced": lambda m: m.__setitem__(2, nn.Linear(4, 4)),
+    "dict replaced": _replace_dict,
+    "class changed": lambda m: setattr(m[0], "__class__", Hidden),
+    "same param written again": lambda m: setattr(m[0], "weight", m[0].weight),
+    "buffer registered": lambda m: m[1].register_buffer("extra", torch.zeros(2)),
+}
+
+
+@pytest.mark.parametrize("change", list(WALK_CHANGES))
+def test_walks_kept_while_the_modules_are_unchanged(change):
+    """_Walked keeps its lists while the module tree's dicts are unwritten, and walks anew after
+    any change to which tensors torch's parameters() or buffers() list."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 4)))
+    walks = {kind: P._Walked(model, kind) for kind in ("_parameters", "_buffers")}
+    before = {kind: list(map(id, w.each)) for kind, w in walks.items()}
+    assert all(w.same(model) for w in walks.values())
+    WALK_CHANGES[change](model)
+    for kind, listed in (("_parameters", model.parameters()), ("_buffers", model.buffers())):
+        listed = list(map(id, listed))  # tensors compare by identity
+        assert walks[kind].same(model) == (listed == before[kind])
+        assert list(map(id, walks[kind].each)) == listed and list(map(id, walks[kind].each_of(model))) == listed
+    if change == "class changed":
+        assert walks["_parameters"].versions is None  # a class that walks its own way is asked each time
+
+
+def test_a_requires_grad_change_keeps_the_plan():
+    """requires_grad is in the metadata guard, not in what the kernels read: the plan stays."""
+    model = Shapes(torch.float32)
+    theirs = T.AveragedModel(model, multi_avg_fn=T.get_ema_multi_avg_fn(0.3))
+    ours = P.AveragedModel(model, multi_avg_fn=P.get_ema_multi_avg_fn(0.3))
+    update_together(model, (theirs, ours), 3, seed=3)
+    plan = ours._plan
+    model.square.requires_grad_(False)
+    update_together(model, (theirs, ours), 2, seed=4)
+    assert ours._plan is plan
+    assert_same(theirs, ours)
 
 
 # average= of the optimizers: the step lerps the averages in its kernel pass (swa_utils._StepAverage).
@@ -710,6 +764,9 @@ _CHANGES = {
                          "param 4: the average \\(\\(3,\\)"),
     "param-double": ("model.flat[2].data = model.flat[2].data.double()", "TypeError", "param 3: the average is "
                      "torch.float32, the param torch.float64"),
+    # a new dict of params in the copy's ParameterList: the old dict, unwritten, shows nothing
+    "average-dict-replaced": ("object.__setattr__(ours.module.flat, '_parameters', {**ours.module.flat._parameters, "
+                              "'3': nn.Parameter(torch.zeros(3))})", "ValueError", "param 4: the average \\(\\(3,\\)"),
     "model-new-parameter": ("model.flat[2] = nn.Parameter(model.flat[2].detach().clone())", "ValueError",
                             "1 of the optimizer's not in the model"),
 }

@@ -41,7 +41,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _group_tensors_by_device_and_dtype
 
 from pyfused import _backend, _cpp
-from pyfused.optim._fused import _REAL_DTYPES, _is_dense, _metadata_guard, _overlapping_pair, _same, _unaddressable
+from pyfused.optim._fused import _REAL_DTYPES, _dict_version, _is_dense, _metadata_guard, _overlapping_pair, _same, _unaddressable
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_avg_fn", "get_ema_multi_avg_fn", "get_swa_avg_fn",
            "get_swa_multi_avg_fn", "update_bn"]
@@ -63,28 +63,94 @@ def _float32(x: float) -> float:
 _Module = torch.nn.Module
 
 
-def _walk(module, kind):
-    """module.parameters() (kind "_parameters") or module.buffers() ("_buffers") in order, but a
-    tensor reachable twice (a shared module, a tied param) is listed each time (_first_each keeps
-    its first place, as torch's memo does), and without the names torch's generators build (half
-    the cost of a call on many small tensors). A module class that overrides how torch walks is
-    asked itself."""
-    method = "parameters" if kind == "_parameters" else "buffers"
+_METHODS = {"_parameters": "parameters", "_buffers": "buffers"}
+
+
+def _tree(module, kind):
+    """The modules whose `kind` dicts ("_parameters" or "_buffers") module.parameters() or
+    module.buffers() reads, in named_modules' order (depth first, each module once), or None where
+    a class overrides how torch walks them."""
+    method = _METHODS[kind]
     root = type(module)
     if (getattr(root, method) is not getattr(_Module, method)
             or getattr(root, "named_" + method) is not getattr(_Module, "named_" + method)
             or root._named_members is not _Module._named_members):
-        return list(getattr(module, method)())
+        return None
     modules, seen, stack = [], set(), [module]
-    while stack:  # named_modules' order: depth first, each module once
+    while stack:
         m = stack.pop()
         if type(m).named_modules is not _Module.named_modules or type(m).__hash__ is not _Module.__hash__:
-            return list(getattr(module, method)())
+            return None
         if id(m) not in seen:
             seen.add(id(m))
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return modules
+
+
+def _walk(module, kind, modules):
+    """module.parameters() (kind "_parameters") or module.buffers() ("_buffers") in order, from
+    _tree's modules, but a tensor reachable twice (a shared module, a tied param) is listed each
+    time (_first_each keeps its first place, as torch's memo does), and without the names torch's
+    generators build (half the cost of a call on many small tensors). Without modules (a class
+    that walks its own way), torch's method."""
+    if modules is None:
+        return list(getattr(module, _METHODS[kind])())
     return [v for m in modules for v in getattr(m, kind).values() if v is not None]
+
+
+_children_of = operator.attrgetter("_modules")
+
+
+class _Walked:
+    """_walk(root, kind), kept while nothing it read has changed: the same modules, of the same
+    types, holding the same _modules and `kind` dicts, none of them written since (dict_version:
+    an insertion, replacement or deletion moves it). That costs a few C-level passes over the
+    modules instead of a walk. Not noticed: a module class whose walking methods are replaced
+    after the walk. Without dict_version, with a class that walks its own way, or with dicts of
+    other types (an OrderedDict reorders without moving its version), it walks every time.
+
+    Which tensors pair is all this decides: whoever uses them still checks their addresses and
+    metadata. The root is held weakly (average= holds the model only through AveragedModel's
+    weak reference); the modules below it are held."""
+
+    def __init__(self, root, kind):
+        self.kind = kind
+        self._dicts_of = operator.attrgetter(kind)
+        self._read(root, _tree(root, kind))
+
+    def _read(self, root, modules, tensors=None):
+        self.tensors = _walk(root, self.kind, modules) if tensors is None else tensors
+        self.each = _first_each(self.tensors)
+        self.root = weakref.ref(root)
+        self.versions = None
+        if _dict_version is None or modules is None:
+            return
+        self.below = modules[1:]
+        self.types = list(map(type, modules))
+        self.dicts = list(map(_children_of, modules)) + list(map(self._dicts_of, modules))
+        if all(map(operator.is_, map(type, self.dicts), itertools.repeat(dict))):
+            self.versions = list(map(_dict_version, self.dicts))
+
+    def same(self, root) -> bool:
+        """Whether _walk(root, kind) lists the same tensors, by identity; afterwards this holds
+        root's walk either way."""
+        if self.versions is not None and self.root() is root:
+            modules = [root, *self.below]
+            if (_same(list(map(type, modules)), self.types)
+                    and _same(list(map(_children_of, modules)) + list(map(self._dicts_of, modules)), self.dicts)
+                    and list(map(_dict_version, self.dicts)) == self.versions):
+                return True
+        modules = _tree(root, self.kind)
+        tensors = _walk(root, self.kind, modules)
+        same = _same(tensors, self.tensors)
+        self._read(root, modules, self.tensors if same else tensors)
+        return same
+
+    def each_of(self, root):
+        """root's tensors each once, as torch's parameters() or buffers() lists them."""
+        self.same(root)
+        return self.each
 
 
 def _first_each(tensors):
@@ -178,22 +244,24 @@ def _fusable(a, m) -> bool:
 
 
 class _Plan:
-    """Which pairs are fused, in which groups, and which torch's code averages; valid while every
-    tensor is the same object (a tensor of another type takes torch's code) at the same address,
-    with the same dtype, sizes and strides (unchanged() checks, with C-level passes only)."""
+    """Which pairs update_parameters fuses, in which groups, and which torch's code averages;
+    valid while the AveragedModel and the model walk the same tensors (_Walked) and every one of
+    them is at the same address, with the same dtype, sizes and strides (_Layout)."""
 
-    def __init__(self, walks):
-        # walks: the averaged module's tensors then the model's, each side as one or two _walk
-        # lists (params, and buffers where use_buffers); repeats dropped side by side, as torch's
-        # parameters() and buffers() drop them.
-        self.walks = walks
-        half = len(walks) // 2
-        averaged = list(itertools.chain.from_iterable(map(_first_each, walks[:half])))
-        current = list(itertools.chain.from_iterable(map(_first_each, walks[half:])))
+    def __init__(self, averaged, model):
+        # As torch reads them: with use_buffers, the module's params then buffers against the
+        # model's; without, the AveragedModel's params against the model's, and the module's
+        # buffers copied from the model's (walks 1 and 3). Repeats dropped side by side, as
+        # torch's parameters() and buffers() drop them.
+        self.use_buffers = averaged.use_buffers
+        self.walks = list(map(_Walked, self._roots(averaged, model), ("_parameters", "_buffers") * 2))
+        averaged, buffers, current, model_buffers = (w.each for w in self.walks)
+        if self.use_buffers:
+            averaged, current = averaged + buffers, current + model_buffers
         pairs = min(len(averaged), len(current))  # torch zips them, strict=False
-        del averaged[pairs:], current[pairs:]
-        self.averaged, self.current = averaged, current
-        self.layout = _Layout(averaged + current)
+        self.averaged, self.current = averaged[:pairs], current[:pairs]
+        averaged, current = self.averaged, self.current
+        self.layout = _Layout(averaged + current, guard=True)
         fused = {}
         self.rest = []  # positions of the pairs torch's code averages
         for i, (a, m) in enumerate(zip(averaged, current)):
@@ -206,9 +274,17 @@ class _Plan:
         # An average sharing memory with another tensor: torch's tensor-by-tensor order decides.
         self.overlap = any(g.overlap for g in self.groups)
 
-    def unchanged(self, walks) -> bool:
-        # The same objects walked in the same order: the same pairs, without the dedup's cost.
-        return len(walks) == len(self.walks) and all(map(_same, walks, self.walks)) and self.layout.unchanged()
+    def _roots(self, averaged, model):
+        return (averaged.module if self.use_buffers else averaged, averaged.module, model, model)
+
+    def buffers(self):
+        """The module's buffers and the model's, which update_parameters copies without use_buffers."""
+        return self.walks[1].each, self.walks[3].each
+
+    def unchanged(self, averaged, model) -> bool:
+        return (averaged.use_buffers == self.use_buffers
+                and all(map(_Walked.same, self.walks, self._roots(averaged, model)))
+                and self.layout.unchanged())
 
 
 class _Layout:
@@ -217,7 +293,7 @@ class _Layout:
 
     def __init__(self, tensors, guard=False):
         self.tensors = tensors
-        # guard: the metadata checked in one C++ pass (_metadata_guard), for a check each step.
+        # guard: the metadata checked in one C++ pass (_metadata_guard), for a check each call.
         self.guard = _metadata_guard(tensors) if guard else None
         # No device: a tensor moved to another device has another address (CUDA's and the
         # host's do not meet).
@@ -237,13 +313,18 @@ class _Layout:
         # all(map(...)) over the same lengths: no list built (a third less than list ==); dtypes
         # and the flags compare by identity.
         tensors = self.tensors
-        if self.guard is not None:
-            return all(map(operator.eq, map(_data_ptr, tensors), self.addresses)) and self.guard.check(*tensors)
-        return (all(map(operator.eq, map(_data_ptr, tensors), self.addresses))
-                and all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
+        if not all(map(operator.eq, map(_data_ptr, tensors), self.addresses)):
+            return False
+        if self.guard is not None and self.guard.check(*tensors):
+            return True
+        if not (all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
                 and all(map(operator.is_, map(_is_contiguous, tensors), self.contiguous))
                 and all(map(operator.eq, map(_size, tensors), self.sizes))
-                and self._strides() == self.strides)
+                and self._strides() == self.strides):
+            return False
+        if self.guard is not None:  # it also checks what the kernels do not read: requires_grad, dispatch keys
+            self.guard = _metadata_guard(tensors)
+        return True
 
 
 class AveragedModel(_torch_swa.AveragedModel):
@@ -275,14 +356,9 @@ class AveragedModel(_torch_swa.AveragedModel):
             if self.bias_correction and n == 0:
                 self._first = {name: t.detach().clone() for name, t in self._named_averaged()}
             return
-        if self.use_buffers:
-            walks = (_walk(self.module, "_parameters"), _walk(self.module, "_buffers"),
-                     _walk(model, "_parameters"), _walk(model, "_buffers"))
-        else:
-            walks = (_walk(self, "_parameters"), _walk(model, "_parameters"))
         plan = self._plan
-        if plan is None or not plan.unchanged(walks):
-            plan = self._plan = _Plan(walks)
+        if plan is None or not plan.unchanged(self, model):
+            plan = self._plan = _Plan(self, model)
         averaged, current = plan.averaged, plan.current
         if plan.overlap:
             return super().update_parameters(model)
@@ -305,8 +381,7 @@ class AveragedModel(_torch_swa.AveragedModel):
                 _triton_lerp(group, scalar)
 
         if not self.use_buffers:  # torch's: the buffers follow the model's
-            for b_swa, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
-                b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+            _copy_buffers(*plan.buffers())
         self.n_averaged += 1
 
     def _kernel(self, group, n):
@@ -374,6 +449,12 @@ class AveragedModel(_torch_swa.AveragedModel):
         return state
 
 
+def _copy_buffers(buffers, model_buffers):
+    """torch's update_parameters without use_buffers: each buffer copied from the model's."""
+    for b_swa, b_model in zip(buffers, model_buffers, strict=True):
+        b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+
+
 def _no_model():
     """The _source of an AveragedModel copied by pickle or deepcopy (a module-level function pickles)."""
     return None
@@ -425,14 +506,13 @@ class _StepAverage:
         dtype, sizes or strides (a module's .half() or .to(), `p.data =`, flat=True's arena, a
         load_state_dict(assign=True)). Sets self.averages, or None where the step must call
         update_parameters instead: the model has frozen params the optimizer does not hold."""
-        model_walk = _walk(self.model, "_parameters")
-        average_walk = _walk(self.averaged.module, "_parameters")
-        if (self.layout is not None and _same(params, self.params) and _same(model_walk, self.model_walk)
-                and _same(average_walk, self.average_walk) and self.layout.unchanged()):
+        model, module = self.model, self.averaged.module
+        if (self.layout is not None and _same(params, self.params) and self.walks[0].same(model)
+                and self.walks[1].same(module) and self.layout.unchanged()):
             return
         self.layout = None  # until the checks below pass
-        model_params = _first_each(model_walk)
-        averages = _first_each(average_walk)
+        walks = _Walked(model, "_parameters"), _Walked(module, "_parameters")
+        model_params, averages = walks[0].each, walks[1].each
         index = {id(p): i for i, p in enumerate(model_params)}
         if len(averages) != len(model_params) or len(params) > len(model_params) or not all(
                 id(p) in index for p in params):
@@ -463,18 +543,21 @@ class _StepAverage:
                 if reason is not None or type(a) not in _PLAIN or not _is_dense(a):
                     raise ValueError(f"{where}: the average {reason or 'is not a dense plain tensor'}; pyfused's "
                                      "kernels need its memory")
-        self.params, self.model_walk, self.average_walk = list(params), model_walk, average_walk
+        self.params, self.walks = list(params), walks
+        self.buffer_walks = _Walked(module, "_buffers"), _Walked(model, "_buffers")  # for finish()
         self.averages = paired
         self.layout = _Layout([] if paired is None else paired + self.params, guard=True)
 
     def addresses(self, bucket):
         """The averages of the bucket's tensors, in its order (array('q')), checked apart from
-        each other and from the bucket's params and state; kept on the bucket while unmoved."""
+        each other and from the bucket's params and state; kept on the bucket while pair()'s
+        layout holds (the same averages, which pair() found unmoved this step; a bucket's rows
+        never change but the grads')."""
+        cached = bucket.__dict__.get("average_addresses")
+        if cached is not None and cached[0] is self.layout:
+            return cached[1]
         averages = [self.averages[i] for i in bucket.positions]
         now = list(map(_data_ptr, averages))
-        cached = bucket.__dict__.get("average_addresses")
-        if cached is not None and cached[0] == now:
-            return cached[1]
         # The bucket's rows hold its (real) dtype, numels counted in it; each average is its param's
         # dtype and size (pair() checked).
         n, element = bucket.n, _REAL_DTYPES.get(bucket.dtype, bucket.dtype).itemsize
@@ -488,7 +571,7 @@ class _StepAverage:
                                f"{'another average' if pair[0][2] == pair[1][2] else 'a param or state tensor'}; "
                                "pyfused updates each in place and needs them apart")
         table = array.array("q", now)
-        bucket.average_addresses = (now, table)
+        bucket.average_addresses = (self.layout, table)
         return table
 
     def fused_weight(self, device, all_stepped):
@@ -514,8 +597,7 @@ class _StepAverage:
         if not fused:
             m.update_parameters(model)
             return
-        for b_swa, b_model in zip(m.module.buffers(), model.buffers(), strict=True):
-            b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+        _copy_buffers(*map(_Walked.each_of, self.buffer_walks, (m.module, model)))
         m.n_averaged += 1
 
 
