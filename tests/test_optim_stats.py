@@ -2,14 +2,19 @@
 torch computes from snapshots of each param and grad taken before the step and of the param after.
 
 Tolerances. The kernels sum squares in opmath in 16 lanes per piece of a tensor inside a chunk
-(at most kChunk / 16 = 1,024 terms a lane), then in float64. The relative error of a lane's sum
-of n non-negative terms is at most n * u, so a norm (its square root) is within n * u / 2 of the
-float64 reference, and the ratio of two norms within n * u:
+(32 for the 16-bit dtypes), so at most kChunk / 16 = 1,024 terms a lane, then in float64. The
+relative error of a lane's sum of n non-negative terms is at most n * u, so a norm (its square
+root) is within n * u / 2 of the float64 reference, and the ratio of two norms within n * u:
   fp32, fp16, bf16 (opmath float, u = 2^-24): 1,024 * 2^-24 = 6.1e-5, so rtol 1e-4;
   fp64 (u = 2^-53): 1.1e-13, so rtol 1e-12.
 The values summed are exact for the 16-bit dtypes (stored values widened to float); for fp32 the
-square and the change (new - old) round once each, which adds 2u per term, inside the bound.
+change (new - old) rounds once, and so does the square where it is not fused into the sum (the
+baseline build), which adds at most 2u per term, inside the bound.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,6 +112,38 @@ def test_unchanged_by_thread_count(name):
     finally:
         torch.set_num_threads(old_threads)
     assert torch.equal(tables[0], tables[1])
+
+
+def stats_tables():
+    """{optimizer-dtype: its [params, 4] statistics after STEPS steps}, every optimizer and dtype."""
+    out = {}
+    for name in CONFIGS:
+        for dtype, _ in DTYPES:
+            params, opt = make(name, dtype, track_stats=True)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS):
+                set_grads(params, gen)
+                opt.step()
+            out[f"{name}-{dtype}"] = torch.stack([torch.stack(opt.stats[p]) for p in params])
+    return out
+
+
+def test_identical_in_the_avx2_and_avx512_builds(tmp_path):
+    """The lanes are fixed per dtype, never per vector width, and both builds fuse each square
+    into its sum: the same bits (this run's kernels against each build in a subprocess)."""
+    tables = {}
+    for isa in ("avx2", "avx512"):
+        out = tmp_path / f"{isa}.pt"
+        done = subprocess.run([sys.executable, __file__, str(out)], env={**os.environ, "PYFUSED_CPU_ISA": isa},
+                              capture_output=True, text=True, timeout=600)
+        if "is not available on this CPU" in done.stderr:
+            pytest.skip(f"this CPU has no {isa}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip() == isa, "PYFUSED_CPU_ISA was not honoured"
+        tables[isa] = torch.load(out)
+    assert tables["avx2"].keys() == tables["avx512"].keys()
+    for key, table in tables["avx2"].items():
+        torch.testing.assert_close(table, tables["avx512"][key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def test_grad_norm_sees_the_deferred_clip_coefficient():
@@ -246,3 +283,8 @@ def test_flat_arena_reports_every_param(name):
         assert len(opt.stats) == len(params)
         for p, o, g in zip(params, old, grads):
             check(opt.stats, p, expected(o, g, p.detach()), 1e-4)
+
+
+if __name__ == "__main__":  # test_identical_in_the_avx2_and_avx512_builds: the tables of one build
+    torch.save(stats_tables(), sys.argv[1])
+    print(_cpp.isa())
