@@ -364,3 +364,26 @@ def test_outputs_of_megabytes_equal_the_in_place_result():
     assert torch.equal(y.detach(), in_place)
     y.backward(torch.ones_like(y))
     assert torch.equal(leaf.grad, (y.detach() != 0) * torch.ones(()).div_(0.7))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_outputs_equal_the_in_place_result(threads):
+    # Outputs of 32 MiB or more are computed into a cached block, then written with non-temporal
+    # stores (csrc/dropout.h's kStreamBytes); in place they are written directly. 4099 channels of
+    # 2047 (32 MiB and a little, fp32): the threads' ranges, the channels and the last block all
+    # end mid-block.
+    shape = (1, 4099, 2047)
+    x, r, b = torch.randn(shape), torch.randn(shape), torch.randn(2047)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fn in (F.dropout, F.dropout1d):  # dropout1d takes no generator: the same torch seed
+            in_place = x.clone()
+            torch.manual_seed(5)
+            fn(in_place, 0.3, inplace=True)
+            torch.manual_seed(5)
+            assert torch.equal(fn(x, 0.3), in_place)
+        theirs = r + F.dropout(x + b, 0.3, inplace=True, generator=generator())
+        assert torch.equal(F.dropout_add(x, r, 0.3, bias=b, generator=generator()), theirs)
+    finally:
+        torch.set_num_threads(saved)
