@@ -105,6 +105,7 @@ class _Spans:
     capturable = False
     flags = None
     hypers = _Bucket.hypers
+    _hypers_of = None
 
     def __init__(self, device, dtype, runs, n_keys, steps):
         # runs: (group index, numel, [param, grad, state...] addresses, step address), group by group

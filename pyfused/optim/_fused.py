@@ -56,11 +56,19 @@ _is_contiguous = torch.Tensor.is_contiguous
 _capturable = operator.methodcaller("get", "capturable")
 _first = operator.itemgetter(0)
 _PLAIN_NUMBERS = frozenset((float, int, bool))  # what array("d") takes as it is
+_IMMUTABLE = frozenset((float, int, bool, str, type(None)))
 
 
 def _same(objects, expected) -> bool:
     """Whether two sequences hold the same objects, by identity (a C-level pass, no hashing)."""
     return len(objects) == len(expected) and all(map(operator.is_, objects, expected))
+
+
+def _frozen_options(group) -> bool:
+    """Whether a param group's options (all but torch's params and param_names lists) are
+    immutable values: only assigning a new value (which moves the group's dict_version) changes one."""
+    return all(type(v) in _IMMUTABLE or type(v) is tuple and _IMMUTABLE.issuperset(map(type, v))
+               for k, v in group.items() if k != "params" and k != "param_names")
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -250,9 +258,15 @@ class _Bucket:
         # Flags mark a tensor's first step only: cleared by the plan's commit().
         self.flags = array.array("q", flags) if any(flags) else None
 
+    _hypers_of = None  # the list hypers() last read (kept, so its id stays its own)
+
     def hypers(self, hypers):
-        """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn."""
-        return array.array("d", list(itertools.chain.from_iterable(map(hypers.__getitem__, self.groups))))
+        """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn;
+        the last array while step() hands the same list (no group changed)."""
+        if hypers is not self._hypers_of:
+            self._hyper_array = array.array("d", list(itertools.chain.from_iterable(map(hypers.__getitem__, self.groups))))
+            self._hypers_of = hypers
+        return self._hyper_array
 
     def load_grads(self, grads):
         """Checks this bucket's grads and writes their addresses. Returns copies to keep alive, or
@@ -740,7 +754,14 @@ class FusedOptimizer:
         groups = self.param_groups
         params = list(itertools.chain.from_iterable(map(_params_of, groups)))
         grads = list(map(_grad_of, params))
-        keys = list(map(self._state_keys, groups))
+        # Every group's state keys and kernel scalars: the last step's while no group dict has
+        # changed (dict_version: a scheduler's new lr moves it) and its values were plain numbers.
+        versions = None if _dict_version is None else list(map(_dict_version, groups))
+        known = self.__dict__.get("_pyfused_group_values")
+        if known is not None and versions == known[0] and _same(groups, known[1]):
+            keys, hypers, values = known[2:]
+        else:
+            keys, hypers = list(map(self._state_keys, groups)), None
         arena = self.__dict__.get("_pyfused_arena")
         if average is not None:
             average.pair(params)  # checked before anything changes
@@ -760,14 +781,22 @@ class FusedOptimizer:
                 return loss
             buckets = plan.buckets
         dtensor = _dtensor_type()
-        hypers = self._all_scalars(groups, dtensor)
+        if hypers is None:
+            hypers = self._plain_scalars(groups)
+            plain = hypers is not None
+            if not plain:
+                hypers = [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
+            values = [hyper for hyper, _ in hypers]
+            # Kept only where no option can change inside its group's dict (a list's or tensor's
+            # element), where dict_version would not see it.
+            keep = plain and versions is not None and all(map(_frozen_options, groups))
+            self._pyfused_group_values = (versions, list(groups), keys, hypers, values) if keep else None
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
         # verdict on the device; the others need it on the host.
         if found_inf is not None and not all(g.get("capturable") for g in groups):
             if float(found_inf) != 0:
                 return loss
             found_inf = None
-        values = [hyper for hyper, _ in hypers]
         # The kernels average only where update_parameters would lerp every param (_StepAverage).
         fused = average is not None and all(map(operator.is_not, grads, itertools.repeat(None)))
         runs = []
@@ -800,15 +829,15 @@ class FusedOptimizer:
         if average is not None and (found_inf is None or float(found_inf) == 0):
             average.finish(False)
 
-    def _all_scalars(self, groups, dtensor):
-        """Every group's _scalars(). When every value is a plain Python number and no group is
-        capturable (the common case), they are the values as given: the kernel tables take them."""
+    def _plain_scalars(self, groups):
+        """Every group's _scalars() when every value is a plain Python number and no group is
+        capturable (the common case): the values as given, which the kernel tables take. Else None."""
         given = list(map(self._hyper, groups))
         if _PLAIN_NUMBERS.issuperset(map(type, itertools.chain.from_iterable(given))) and not any(
             map(_capturable, groups)
         ):
             return list(zip(given, map(_first, given)))
-        return [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
+        return None
 
     def _scalars(self, group, index, dtensor):
         """The kernel's scalars, and lr as given (read on the device when capturable). A DTensor
