@@ -915,6 +915,58 @@ def test_a_persistent_grad_changed_in_place_is_refused(how, steps):
     assert torch.equal(p.detach(), before)
 
 
+@PERSISTENT_STEPS
+def test_a_new_grad_at_the_old_address_is_checked(steps):
+    """A new grad object over the old grad's memory (same address, shape and dtype, which the
+    p.grad setter enforces), with other strides: the cached check, which does not ask whether a
+    grad is the same object, must see them, and the step read the elements as torch does."""
+
+    def run(cls):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 35).reshape(5, 7))
+        opt = cls([p], lr=0.1, momentum=0.9)
+        p.grad = torch.linspace(-2, 2, 35).reshape(5, 7)
+        for _ in range(steps):
+            opt.step()
+        old = p.grad
+        p.grad = old.as_strided(p.shape, (1, 5))
+        assert p.grad is not old and p.grad.data_ptr() == old.data_ptr()
+        opt.step()
+        return p.detach().clone()
+
+    assert_close(run(pyfused.optim.SGD), run(torch.optim.SGD))
+
+
+# A param re-viewed in place over its own memory: same address, fewer elements. A step with the
+# old table read 2^20 elements from a 16-element grad (a crash): run in a subprocess.
+PARAM_REVIEWED = """
+import sys, torch, pyfused
+def run(cls, momentum):
+    p = torch.nn.Parameter(torch.zeros(1 << 20))
+    opt = cls([p], lr=1.0, momentum=momentum)
+    for _ in range(2):
+        p.grad = torch.ones(1 << 20)
+        opt.step()
+    with torch.no_grad():
+        p.set_(p.untyped_storage(), 0, (16,))
+    p.grad = torch.full((16,), 2.0)
+    try:
+        opt.step()
+    except RuntimeError as error:
+        return type(error), p.detach().clone()
+    return None, p.detach().clone()
+for momentum in (0.0, 0.9):  # with momentum, its buffer no longer fits the param: refused
+    (ours, a), (theirs, b) = run(pyfused.optim.SGD, momentum), run(torch.optim.SGD, momentum)
+    print(momentum, ours, theirs, a[:4].tolist(), b[:4].tolist())
+    if ours is not theirs or not torch.equal(a, b):
+        sys.exit(3)
+"""
+
+
+def test_a_param_re_viewed_in_place_between_steps():
+    proc = subprocess.run([sys.executable, "-c", PARAM_REVIEWED], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout} {proc.stderr[-2000:]}"
+
+
 # --- one kernel call per dtype, across param groups (tests/test_optim_groups.py has more) --------
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

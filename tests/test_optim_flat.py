@@ -207,6 +207,31 @@ def test_param_data_replaced():
     assert_same(flat, a, ref, b, tol=oc.DTYPES_BY_NAME["fp32"])
 
 
+@pytest.mark.parametrize("versions", [True, False], ids=["dict version", "values"])
+def test_state_dict_of_a_param_replaced(versions, monkeypatch):
+    """opt.state[p] = {...} (a reset of one param's state): the fast step's check (the version
+    of optimizer.state where dict_version works, else the dicts by identity) sees it, and the
+    new state moves into the arena."""
+    from pyfused.optim import _fused
+
+    if versions:
+        assert _fused._dict_version is not None  # this torch and Python have it
+    else:
+        monkeypatch.setattr(_fused, "_dict_version", None)
+    params = make_params([torch.float32])
+    flat, ref = clone(params), clone(params)
+    a = pyfused.optim.Adam(flat, flat=True)
+    b = torch.optim.Adam(ref, foreach=False)
+    train(flat, a, 3)
+    train(ref, b, 3)
+    for opt, p in ((a, flat[3]), (b, ref[3])):
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    train(flat, a, 3, first=3)
+    train(ref, b, 3, first=3)
+    assert spans(a) is not None  # back in the arena
+    assert_same(flat, a, ref, b, tol=oc.DTYPES_BY_NAME["fp32"])
+
+
 def test_grad_data_replaced_is_seen():
     """A grad view re-pointed in place (p.grad.data = t) keeps its identity, not its address."""
     params = make_params([torch.float32])

@@ -232,6 +232,39 @@ def test_what_changes_between_steps_is_picked_up(name, calls):
     assert len(calls) == 10  # one call per step throughout
 
 
+@pytest.mark.parametrize("versions", [True, False], ids=["dict versions", "no versions"])
+def test_group_options_changed_between_steps_take_effect(versions, monkeypatch):
+    """A step reuses the last step's group scalars while no group dict changed (dict_version):
+    options assigned, and an option that is a list changed in place (which no dict version sees: such groups are never cached) each take effect at the
+    next step, as in torch."""
+    from pyfused.optim import _fused
+
+    if versions:
+        assert _fused._dict_version is not None  # this torch and Python have them
+    else:
+        monkeypatch.setattr(_fused, "_dict_version", None)
+    ours_params = make_params(3)
+    theirs_params = clone(ours_params)
+    opts = [cls([{"params": ps, "lr": 1e-3 * (i + 1)} for i, ps in enumerate(lists)], **extra)
+            for cls, lists, extra in ((pyfused.optim.Adam, ours_params, {}),
+                                      (torch.optim.Adam, theirs_params, {"foreach": False}))]
+    for step in range(8):
+        set_grads(ours_params, step)
+        for p, q in zip(sum(theirs_params, []), sum(ours_params, [])):
+            p.grad = q.grad.clone()
+        for opt in opts:
+            if step == 3:
+                opt.param_groups[1]["lr"] = 0.05
+            if step == 5:
+                opt.param_groups[2]["maximize"] = True
+            if step == 4:
+                opt.param_groups[0]["betas"] = [0.9, 0.999]
+            if step == 6:
+                opt.param_groups[0]["betas"][0] = 0.5  # in place: the group dict does not change
+            opt.step()
+        assert_states(opts[0], ours_params, opts[1], theirs_params, bitwise=False)
+
+
 @pytest.mark.parametrize("how", ["resize_", "view as int32"])
 def test_a_grad_changed_in_place_after_a_step_is_checked_again(how):
     """The same grad object, at the same address with the same strides, but resized or re-viewed

@@ -37,6 +37,7 @@ import weakref
 import torch
 
 from pyfused import _backend
+from pyfused.optim import _fused
 from pyfused.optim._fused import (_DTYPE_CODES, _REAL_DTYPES, _Bucket, _check_param, _data_ptr, _grad_of,
                                   _is_dtensor, _overlapping_pair, _same)
 
@@ -104,6 +105,7 @@ class _Spans:
     capturable = False
     flags = None
     hypers = _Bucket.hypers
+    _hypers_of = None
 
     def __init__(self, device, dtype, runs, n_keys, steps):
         # runs: (group index, numel, [param, grad, state...] addresses, step address), group by group
@@ -209,7 +211,7 @@ class Arena:
             and list(map(_data_ptr, grads)) == self.grad_addresses
             and keys == self.keys
             and _same(groups, self.groups)
-            and _same(optimizer.state.values(), self.state_dicts)
+            and self._same_state_dicts(optimizer.state)
         )
 
     def rebuild(self, optimizer, groups, params, grads, keys):
@@ -271,6 +273,14 @@ class Arena:
         self.keys = keys
         self.groups = list(groups)
         self.state_dicts = list(state.values())
+        # Its version, where dict_version works (_fused._usable_dict_version): a dict replaced,
+        # added or removed moves it; one C call instead of a pass over the dicts.
+        self.state_version = None if _fused._dict_version is None else _fused._dict_version(state)
+
+    def _same_state_dicts(self, state) -> bool:
+        if self.state_version is not None:
+            return _fused._dict_version(state) == self.state_version
+        return _same(state.values(), self.state_dicts)
 
     def advanced(self):
         """After a fast step: each run's counter, which the kernel advanced, onto its other params."""

@@ -35,7 +35,6 @@ import itertools
 import operator
 import os
 import sys
-import weakref
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -54,15 +53,22 @@ _device_of = operator.attrgetter("device")
 _stride_of = torch.Tensor.stride
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
-_deref = weakref.ref.__call__
 _capturable = operator.methodcaller("get", "capturable")
 _first = operator.itemgetter(0)
 _PLAIN_NUMBERS = frozenset((float, int, bool))  # what array("d") takes as it is
+_IMMUTABLE = frozenset((float, int, bool, str, type(None)))
 
 
 def _same(objects, expected) -> bool:
     """Whether two sequences hold the same objects, by identity (a C-level pass, no hashing)."""
     return len(objects) == len(expected) and all(map(operator.is_, objects, expected))
+
+
+def _frozen_options(group) -> bool:
+    """Whether a param group's options (all but torch's params and param_names lists) are
+    immutable values: only assigning a new value (which moves the group's dict_version) changes one."""
+    return all(type(v) in _IMMUTABLE or type(v) is tuple and _IMMUTABLE.issuperset(map(type, v))
+               for k, v in group.items() if k != "params" and k != "param_names")
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -245,46 +251,59 @@ class _Bucket:
             self.step_tensors = [s["step"] for s in states]
             self.steps_are_double = self.step_tensors[0].dtype == torch.float64
             self.steps = array.array("q", map(_data_ptr, self.step_tensors))
-        self.checked = None  # weak references to the grads load_grads() last checked
-        self.guard = None  # their metadata, once a step found them unchanged (_metadata_guard)
+        # The grads' addresses where load_grads() last found them good (None: look at them all),
+        # and their metadata, once a step found them unchanged (_metadata_guard).
         self.grad_addresses = None
+        self.guard = None
         # Flags mark a tensor's first step only: cleared by the plan's commit().
         self.flags = array.array("q", flags) if any(flags) else None
 
+    _hypers_of = None  # the list hypers() last read (kept, so its id stays its own)
+
     def hypers(self, hypers):
-        """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn."""
-        return array.array("d", list(itertools.chain.from_iterable(map(hypers.__getitem__, self.groups))))
+        """This bucket's hyperparameters (array('d')) from every group's: its groups' in turn;
+        the last array while step() hands the same list (no group changed)."""
+        if hypers is not self._hypers_of:
+            self._hyper_array = array.array("d", list(itertools.chain.from_iterable(map(hypers.__getitem__, self.groups))))
+            self._hypers_of = hypers
+        return self._hyper_array
 
     def load_grads(self, grads):
-        """Checks this bucket's grads and writes their addresses. Returns copies to keep alive.
-        Their types the plan has checked."""
+        """Checks this bucket's grads and writes their addresses. Returns copies to keep alive, or
+        None where the plan no longer fits the params (_conform). Their types the plan has checked."""
         if not self.whole or len(grads) != self.n:
             grads = self.select(grads)
-        # The grads the last step checked, if they are still the same tensors with the same
-        # address, layout, shape and dtype (weak references: holding a grad would keep its memory
-        # alive after zero_grad()), need no other check: their addresses are in the table already.
-        # A grad resized, transposed or re-viewed in place (`.data =`) keeps its identity, not its
-        # metadata. Layout: the param's strides, or (every param contiguous) contiguity, which
-        # with the shape fixes the same strides up to those of size-1 dims, which move nothing.
-        # From the second unchanged step on, one guard call checks shapes, strides and dtypes.
-        if self.checked is not None and all(map(operator.is_, map(_deref, self.checked), grads)):
+        # Grads at the addresses the last step found good, with the layout, shape, dtype and
+        # device found then, need no other check: those addresses are in the table already.
+        # Whether they are the same tensor objects does not matter (zero_grad(set_to_none=True)
+        # and backward often give new grads the old memory). A grad resized, transposed or
+        # re-viewed in place (`.data =`) keeps its object, not its metadata. Layout: the param's
+        # strides, or (every param contiguous) contiguity, which with the shape fixes the same
+        # strides up to those of size-1 dims, which move nothing. From the second unchanged step
+        # on, one guard call checks types, shapes, strides, dtypes and devices.
+        if self.grad_addresses is not None and self._at_known_addresses(grads):
             if self.guard is not None:
-                if list(map(_data_ptr, grads)) == self.grad_addresses and self.guard.check(*grads):
+                if self.guard.check(*grads):
                     return []
             elif (
-                list(map(_data_ptr, grads)) == self.grad_addresses
-                and list(map(_shape_of, grads)) == self.shapes
+                list(map(_shape_of, grads)) == self.shapes
                 and (all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride_of, grads)) == self.strides)
                 and list(map(_dtype_of, grads)) == self.dtypes
+                and list(map(_device_of, grads)) == self.devices
             ):
                 self.guard = _metadata_guard(grads)
                 return []
-        self.checked = self.guard = None
+        self.grad_addresses = self.guard = None
         copies = self._check_grads(grads)
-        if not copies and self.layouts is None:
+        if copies == [] and self.layouts is None:
             self.grad_addresses = self.addresses[self.n : 2 * self.n].tolist()
-            self.checked = list(map(weakref.ref, grads))
         return copies
+
+    def _at_known_addresses(self, grads) -> bool:
+        try:
+            return list(map(_data_ptr, grads)) == self.grad_addresses
+        except (RuntimeError, NotImplementedError, TypeError):  # no storage (a sparse grad): the full check names it
+            return False
 
     def _check_grads(self, grads):
         # Metadata is read with map() (C loops); the per-tensor Python loop runs only on a mismatch.
@@ -311,9 +330,13 @@ class _Bucket:
         return []
 
     def _conform(self, grads):
-        """The slow path: names a bad grad, or copies a grad laid out unlike its param."""
+        """The slow path: names a bad grad, or copies a grad laid out unlike its param. None if a
+        param has another shape or strides than the table's: re-viewed in place (set_, at the same
+        address), it needs a new plan (the table's sizes would reach past its grad)."""
         shards, copies = [], []
         for position, p, g, shape, stride in zip(self.positions, self.params, grads, self.shapes, self.strides):
+            if _local(p).shape != shape or _local(p).stride() != stride:
+                return None
             _check_grad(p, g, self.where(position))
             g = _local(g)
             if g.stride() != stride:
@@ -347,12 +370,13 @@ _dict_version = _usable_dict_version()
 
 class _StateSnapshot:
     """The optimizer's per-param state dicts, which the plan's tables were built from, and what
-    was in them: a replaced dict is another object (_same), a tensor assigned into one or a key
-    deleted moves its version (one C call per dict). Without versions, the values are compared
-    by identity instead."""
+    was in them: a dict replaced, added or removed moves the version of optimizer.state (one C
+    call), a tensor assigned into one or a key deleted moves that dict's version (one C call per
+    dict). Without versions, the dicts and their values are compared by identity instead."""
 
-    def __init__(self, dicts):
-        self.dicts = dicts
+    def __init__(self, state):
+        self.dicts = dicts = list(state.values())
+        self.container_version = None if _dict_version is None else _dict_version(state)
         self.versions = None if _dict_version is None else list(map(_dict_version, dicts))
         # Where every dict has the same keys (the common case), the values are read key by key:
         # one itemgetter pass and one identity pass per key, with no tuple per dict. A key that
@@ -368,10 +392,11 @@ class _StateSnapshot:
         return [list(map(getter, self.dicts)) for getter in self.getters]
 
     def unchanged(self, state) -> bool:
+        """Whether state (the container the snapshot was taken of) still holds what it held."""
+        if self.versions is not None:
+            return _dict_version(state) == self.container_version and list(map(_dict_version, self.dicts)) == self.versions
         if not _same(state.values(), self.dicts):
             return False
-        if self.versions is not None:
-            return list(map(_dict_version, self.dicts)) == self.versions
         try:
             if self.getters is None:
                 return _same(self._values(), self.values)
@@ -457,9 +482,9 @@ class _Plan:
         return list(map(_data_ptr, params))
 
     def _snapshot(self, optimizer):
-        dicts = list(optimizer.state.values())
         # A state entry that is not a dict: the plan is rebuilt every step.
-        self.state = _StateSnapshot(dicts) if all(map(isinstance, dicts, itertools.repeat(dict))) else None
+        dicts = optimizer.state.values()
+        self.state = _StateSnapshot(optimizer.state) if all(map(isinstance, dicts, itertools.repeat(dict))) else None
 
     def still_valid(self, optimizer, groups, params, grads, keys) -> bool:
         # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
@@ -475,6 +500,17 @@ class _Plan:
         if self._addresses(params) != self.param_addresses:
             return False
         return self.state.unchanged(optimizer.state)
+
+    def load_grads(self, grads):
+        """Every bucket's grads checked and their addresses written (_Bucket.load_grads): copies
+        to keep alive during the step, or None if the plan no longer fits the params."""
+        copies = []
+        for bucket in self.buckets:
+            own = bucket.load_grads(grads)
+            if own is None:
+                return None
+            copies += own
+        return copies
 
     def commit(self, optimizer):
         """After the step ran: the new state becomes the optimizer's."""
@@ -718,7 +754,14 @@ class FusedOptimizer:
         groups = self.param_groups
         params = list(itertools.chain.from_iterable(map(_params_of, groups)))
         grads = list(map(_grad_of, params))
-        keys = list(map(self._state_keys, groups))
+        # Every group's state keys and kernel scalars: the last step's while no group dict has
+        # changed (dict_version: a scheduler's new lr moves it) and its values were plain numbers.
+        versions = None if _dict_version is None else list(map(_dict_version, groups))
+        known = self.__dict__.get("_pyfused_group_values")
+        if known is not None and versions == known[0] and _same(groups, known[1]):
+            keys, hypers, values = known[2:]
+        else:
+            keys, hypers = list(map(self._state_keys, groups)), None
         arena = self.__dict__.get("_pyfused_arena")
         if average is not None:
             average.pair(params)  # checked before anything changes
@@ -727,23 +770,33 @@ class FusedOptimizer:
         else:
             plan = self.__dict__.get("_pyfused_plan")
             if plan is None or not plan.still_valid(self, groups, params, grads, keys):
-                self._pyfused_plan = None
-                plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
+                plan = self._new_plan(groups, params, grads, keys)
+            _grad_copies = None if plan.uses_torch else plan.load_grads(grads)
+            if _grad_copies is None and not plan.uses_torch:  # a param re-viewed in place since
+                plan = self._new_plan(groups, params, grads, keys)
+                _grad_copies = None if plan.uses_torch else plan.load_grads(grads)
             if plan.uses_torch:
                 self._torch_step(factor, found_inf)
                 self._torch_average(average, found_inf)
                 return loss
-            _grad_copies = [bucket.load_grads(grads) for bucket in plan.buckets]
             buckets = plan.buckets
         dtensor = _dtensor_type()
-        hypers = self._all_scalars(groups, dtensor)
+        if hypers is None:
+            hypers = self._plain_scalars(groups)
+            plain = hypers is not None
+            if not plain:
+                hypers = [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
+            values = [hyper for hyper, _ in hypers]
+            # Kept only where no option can change inside its group's dict (a list's or tensor's
+            # element), where dict_version would not see it.
+            keep = plain and versions is not None and all(map(_frozen_options, groups))
+            self._pyfused_group_values = (versions, list(groups), keys, hypers, values) if keep else None
         # GradScaler saw inf or NaN: nothing moves, steps included. Capturable groups read its
         # verdict on the device; the others need it on the host.
         if found_inf is not None and not all(g.get("capturable") for g in groups):
             if float(found_inf) != 0:
                 return loss
             found_inf = None
-        values = [hyper for hyper, _ in hypers]
         # The kernels average only where update_parameters would lerp every param (_StepAverage).
         fused = average is not None and all(map(operator.is_not, grads, itertools.repeat(None)))
         runs = []
@@ -765,21 +818,26 @@ class FusedOptimizer:
                 arena.rebuild(self, groups, params, grads, keys)
         return loss
 
+    def _new_plan(self, groups, params, grads, keys):
+        self._pyfused_plan = None  # a plan refused for bad input is not kept
+        plan = self._pyfused_plan = _Plan(self, groups, params, grads, keys)
+        return plan
+
     @staticmethod
     def _torch_average(average, found_inf):
         """average= after torch's step: update_parameters, unless GradScaler skipped the step."""
         if average is not None and (found_inf is None or float(found_inf) == 0):
             average.finish(False)
 
-    def _all_scalars(self, groups, dtensor):
-        """Every group's _scalars(). When every value is a plain Python number and no group is
-        capturable (the common case), they are the values as given: the kernel tables take them."""
+    def _plain_scalars(self, groups):
+        """Every group's _scalars() when every value is a plain Python number and no group is
+        capturable (the common case): the values as given, which the kernel tables take. Else None."""
         given = list(map(self._hyper, groups))
         if _PLAIN_NUMBERS.issuperset(map(type, itertools.chain.from_iterable(given))) and not any(
             map(_capturable, groups)
         ):
             return list(zip(given, map(_first, given)))
-        return [self._scalars(group, index, dtensor) for index, group in enumerate(groups)]
+        return None
 
     def _scalars(self, group, index, dtensor):
         """The kernel's scalars, and lr as given (read on the device when capturable). A DTensor
