@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #if defined(__linux__)
-#include <sys/mman.h>  // dropout's madvise
+#include <sys/mman.h>  // madvise for fresh outputs
 #endif
 #include <string>
 #include <vector>
@@ -157,6 +157,13 @@ void advise_huge_pages(uintptr_t begin, size_t bytes) {
 #endif
 }
 
+// fresh: the numel elements of dtype d at `out` (an op's output) were just allocated.
+void advise_fresh_output(bool fresh, DType d, size_t numel, uintptr_t out) {
+  if (!fresh || out == 0) return;
+  const size_t element_size = d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
+  advise_huge_pages(out, numel * element_size);
+}
+
 // Batch normalization (csrc/batchnorm.h). Python checks shapes, dtypes and layouts.
 DType checked_dtype(int dtype) {
   if (dtype < 0 || dtype > int(DType::kBFloat16)) throw py::value_error("unknown dtype");
@@ -168,11 +175,9 @@ BnShape bn_shape(int64_t outer, int64_t channels, int64_t inner, int threads) {
   return BnShape{outer, channels, inner, threads < 1 ? 1 : threads};
 }
 
-// fresh: the output of s's extent at `out` (y, dx) was just allocated, see advise_huge_pages.
+// fresh: the output of s's extent at `out` (y, dx) was just allocated.
 void advise_fresh_output(bool fresh, DType d, const BnShape& s, uintptr_t out) {
-  if (!fresh || out == 0) return;
-  const size_t element_size = d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
-  advise_huge_pages(out, size_t(s.outer) * size_t(s.channels) * size_t(s.inner) * element_size);
+  advise_fresh_output(fresh, d, size_t(s.outer) * size_t(s.channels) * size_t(s.inner), out);
 }
 
 void bn_stats(int dtype, int64_t outer, int64_t channels, int64_t inner, uintptr_t x, uintptr_t mean,
@@ -287,8 +292,7 @@ void dropout(int op, int dtype, int64_t numel, int64_t group, uint64_t seed, dou
                    address<void>(x), reinterpret_cast<void*>(out), address<void>(residual),
                    bias != 0 ? address<void>(bias) : nullptr, bias_numel, threads < 1 ? 1 : threads};
   py::gil_scoped_release no_gil;
-  const size_t element_size = dtype == int(DType::kFloat64) ? 8 : dtype == int(DType::kFloat32) ? 4 : 2;
-  if (fresh_out) advise_huge_pages(out, size_t(numel) * element_size);
+  advise_fresh_output(fresh_out, DType(dtype), size_t(numel), out);
   isa().dropout(DropoutOp(op), DType(dtype), call);
 }
 
