@@ -459,7 +459,8 @@ def _replace_dict(m):  # the old dict stays as it was: only its identity shows t
     object.__setattr__(m[0], "_parameters", {**m[0]._parameters, "bias": nn.Parameter(torch.zeros(4))})
 
 
-# Each a change that _Walked's versions alone catch (the same tensors after a dict write: none).
+# Each a change to the module tree that _Walked must see: by a dict's version, its identity or a
+# module's type ("same param written again" changes no tensor).
 WALK_CHANGES = {
     "param replaced": lambda m: setattr(m[0], "weight", nn.Parameter(torch.zeros(4, 3))),
     "param deleted": lambda m: delattr(m[2][0], "bias"),
@@ -469,6 +470,9 @@ WALK_CHANGES = {
     "class changed": lambda m: setattr(m[0], "__class__", Hidden),
     "same param written again": lambda m: setattr(m[0], "weight", m[0].weight),
     "buffer registered": lambda m: m[1].register_buffer("extra", torch.zeros(2)),
+    # An empty dict filled by update(): Python 3.12+'s dict watchers send an event torch's
+    # dict_version skips (_fused._usable_dict_version then turns the versions off).
+    "empty buffers updated": lambda m: m[0]._buffers.update({"extra": torch.zeros(2)}),
 }
 
 
@@ -479,6 +483,8 @@ def test_walks_kept_while_the_modules_are_unchanged(change):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 4)))
     walks = {kind: P._Walked(model, kind) for kind in ("_parameters", "_buffers")}
     before = {kind: list(map(id, w.each)) for kind, w in walks.items()}
+    # The lists are kept (not walked anew each call) wherever dict_version works.
+    assert all(w.versions is not None for w in walks.values()) == (P._dict_version is not None)
     assert all(w.same(model) for w in walks.values())
     WALK_CHANGES[change](model)
     for kind, listed in (("_parameters", model.parameters()), ("_buffers", model.buffers())):
@@ -487,6 +493,23 @@ def test_walks_kept_while_the_modules_are_unchanged(change):
         assert list(map(id, walks[kind].each)) == listed and list(map(id, walks[kind].each_of(model))) == listed
     if change == "class changed":
         assert walks["_parameters"].versions is None  # a class that walks its own way is asked each time
+
+
+class _Dispatching(nn.Parameter):
+    """A subclass torch dispatches through: the kernels must not bypass it."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_class_change_breaks_the_layout():
+    """A tensor whose class changed fails the guard and the metadata fallback alike."""
+    t = nn.Parameter(torch.zeros(3))
+    layout = P._Layout([t], guard=True)
+    assert layout.unchanged()
+    t.__class__ = _Dispatching
+    assert not layout.unchanged()
 
 
 def test_a_requires_grad_change_keeps_the_plan():

@@ -350,14 +350,17 @@ class _Bucket:
 
 def _usable_dict_version():
     """dynamo's dict_version (CPython's per-dict version tag, which every insertion, replacement
-    and deletion moves to a value no dict had), if this torch and Python have one that moves;
-    else None."""
+    and deletion moves to a value no dict had), if this torch and Python have one that moves on
+    every change; else None. On Python 3.12+ it counts dict-watcher events, and torch skips the
+    one an empty dict's update() from another dict sends (PyDict_EVENT_CLONED): the probe's last
+    change is that one, so there the checks fall back to identities."""
     try:
         from torch._C._dynamo.guards import dict_version
 
         d = {"a": 0}
         seen = [dict_version(d)]
-        for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b")):
+        for change in (lambda: d.__setitem__("a", 1), lambda: d.__setitem__("b", 2), lambda: d.pop("b"),
+                       d.clear, lambda: d.update({"c": 3})):
             change()
             seen.append(dict_version(d))
     except Exception:  # absent, or it cannot watch dicts here (Python 3.12+ registers a watcher)

@@ -295,6 +295,7 @@ class _Layout:
         self.tensors = tensors
         # guard: the metadata checked in one C++ pass (_metadata_guard), for a check each call.
         self.guard = _metadata_guard(tensors) if guard else None
+        self.types = list(map(type, tensors))  # a subclass takes torch's code: not the plan's
         # No device: a tensor moved to another device has another address (CUDA's and the
         # host's do not meet).
         self.addresses = list(map(_data_ptr, tensors))
@@ -317,7 +318,8 @@ class _Layout:
             return False
         if self.guard is not None and self.guard.check(*tensors):
             return True
-        if not (all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
+        if not (all(map(operator.is_, map(type, tensors), self.types))
+                and all(map(operator.is_, map(_dtype_of, tensors), self.dtypes))
                 and all(map(operator.is_, map(_is_contiguous, tensors), self.contiguous))
                 and all(map(operator.eq, map(_size, tensors), self.sizes))
                 and self._strides() == self.strides):
