@@ -293,9 +293,10 @@ inline void stream_copy(char* dst, const char* src, size_t bytes) {
 }
 
 // Runs math over every element into out, kMaskBlock elements at a time. Each thread owns one
-// contiguous range and takes it kDropoutChunk elements at a time from its start: two threads never
-// write into the same page (a fresh output's first touch zeroes 2 MiB pages, and a page both fault
-// on makes one wait), and each streams through memory in one direction, as the prefetchers like.
+// contiguous range and takes it kDropoutChunk elements at a time from its start: two threads meet
+// in at most the pages at their ranges' edges (a fresh output's first touch zeroes 2 MiB pages, and
+// a page both fault on makes one wait), and each streams through memory in one direction, as the
+// prefetchers like.
 // A thread done with its range takes chunks from the others' (a descheduled thread on a shared
 // machine would otherwise hold up the call). Large outputs are computed into a cached block, then
 // streamed out (kStreamBytes).

@@ -366,12 +366,12 @@ def test_outputs_of_megabytes_equal_the_in_place_result():
     assert torch.equal(leaf.grad, (y.detach() != 0) * torch.ones(()).div_(0.7))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_streamed_outputs_equal_the_in_place_result(threads):
     # Outputs of 32 MiB or more are computed into a cached block, then written with non-temporal
     # stores (csrc/dropout.h's kStreamBytes); in place they are written directly. 4099 channels of
-    # 2047 (32 MiB and a little, fp32): the threads' ranges, the channels and the last block all
-    # end mid-block.
+    # 2047 (32 MiB and a little, fp32): channels end mid-block, and so does the last thread's range
+    # (3 threads: uneven ranges).
     shape = (1, 4099, 2047)
     x, r, b = torch.randn(shape), torch.randn(shape), torch.randn(2047)
     saved = torch.get_num_threads()
