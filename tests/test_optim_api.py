@@ -1100,3 +1100,27 @@ def test_a_conjugated_or_negated_grad_reads_as_torch_reads_it(name, dtype, lazy,
         assert ours == theirs
     else:
         assert torch.equal(ours, run(pyfused.optim, True))
+
+
+@pytest.mark.parametrize("which", ["param", "grad"])
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_param_or_grad_re_viewed_smaller_at_its_address_is_refused(which, flat):
+    """set_ at the same address with fewer elements, the other tensor keeping its size: torch's
+    step raises on the size mismatch. flat=True's spans would still cover the elements gone
+    (within its own buffers: no crash, but the hidden elements would move)."""
+    errors = []
+    for lib, options in ((torch.optim, {}), (pyfused.optim, {"flat": flat})):
+        p = torch.nn.Parameter(torch.zeros(1000))
+        opt = lib.SGD([p], lr=0.1, momentum=0.9, **options)
+        if p.grad is None:  # flat=True gave it its grad view
+            p.grad = torch.zeros(1000)
+        for _ in range(2):
+            p.grad.fill_(1.0)
+            opt.step()
+        t = p if which == "param" else p.grad
+        with torch.no_grad():
+            t.set_(t.untyped_storage(), t.storage_offset(), (500,))
+        with pytest.raises(RuntimeError) as error:
+            opt.step()
+        errors.append(error.type)
+    assert errors[0] is errors[1]

@@ -545,7 +545,8 @@ class _Plan:
         # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
         # type changes the grad types; a replaced state dict or state tensor is another object.
         # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
-        # is near 0, a shard's a heap address).
+        # is near 0, a shard's a heap address). A param or state tensor rebound in place moves
+        # its address or its metadata (_unmoved).
         if self.state is None or optimizer.state is not self.state_container:
             return False
         if keys != self.keys or not _same(groups, self.groups):
