@@ -212,7 +212,15 @@ class Arena:
             and keys == self.keys
             and _same(groups, self.groups)
             and self._same_state_dicts(optimizer.state)
+            and self._same_layout(params, grads)
         )
+
+    def _same_layout(self, params, grads) -> bool:
+        # A param or grad view re-viewed in place (set_) at its address with a smaller shape would
+        # leave the spans covering elements it no longer has; torch's step refuses the mismatch.
+        if self.guard is not None:
+            return self.guard.check(*params, *grads)
+        return _fused._layout_of([*params, *grads]) == self.layout
 
     def rebuild(self, optimizer, groups, params, grads, keys):
         """After a general step: moves new state into the arena and builds the spans, if every
@@ -270,6 +278,8 @@ class Arena:
             self.scratch = torch.empty_like(self.steps)
         self.state_container = state
         self.grad_addresses = list(map(_data_ptr, grads))
+        self.guard = _fused._metadata_guard([*params, *grads])
+        self.layout = None if self.guard is not None else _fused._layout_of([*params, *grads])
         self.keys = keys
         self.groups = list(groups)
         self.state_dicts = list(state.values())

@@ -176,6 +176,18 @@ def _metadata_guard(tensors):
     return None if _TensorGuards is None else _new_guard(_TensorGuards, tensors)
 
 
+def _any_lazy(tensors) -> bool:
+    """Whether a tensor carries a conjugate or negative bit (g.conj(), torch._neg_view): its
+    memory holds other values than it reads as."""
+    return any(map(torch.Tensor.is_conj, tensors)) or any(map(torch.Tensor.is_neg, tensors))
+
+
+def _layout_of(tensors):
+    """What _metadata_guard checks, where it is absent: types, shapes, strides, dtypes, devices."""
+    return (list(map(type, tensors)), list(map(_shape_of, tensors)), list(map(_stride_of, tensors)),
+            list(map(_dtype_of, tensors)), list(map(_device_of, tensors)))
+
+
 def _overlapping_pair(regions):
     """Two of the (start, end, owner) byte ranges that overlap, or None."""
     regions = sorted(r for r in regions if r[0] != r[1])
@@ -223,6 +235,9 @@ class _Bucket:
             self.select = operator.itemgetter(*positions)
         # A complex tensor is updated as its real view, as torch does.
         scale = 2 if dtype.is_complex else 1
+        # torch's own step views complex grads as real in every optimizer here but SGD, and
+        # view_as_real refuses a conjugated tensor.
+        self.refuses_conj = dtype.is_complex and not isinstance(optimizer, torch.optim.SGD)
         self.numels = array.array("q", [p.numel() * scale for p in shards])
         rows = [list(map(_data_ptr, shards)), [0] * self.n]
         for key in keys:
@@ -290,6 +305,7 @@ class _Bucket:
                 and (all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride_of, grads)) == self.strides)
                 and list(map(_dtype_of, grads)) == self.dtypes
                 and list(map(_device_of, grads)) == self.devices
+                and not _any_lazy(grads)
             ):
                 self.guard = _metadata_guard(grads)
                 return []
@@ -321,6 +337,7 @@ class _Bucket:
             or list(map(_dtype_of, grads)) != self.dtypes
             or list(map(_shape_of, grads)) != self.shapes
             or list(map(_device_of, grads)) != self.devices
+            or _any_lazy(grads)
         ):
             return self._conform(selected)
         addresses = list(map(_data_ptr, grads))
@@ -339,8 +356,15 @@ class _Bucket:
                 return None
             _check_grad(p, g, self.where(position))
             g = _local(g)
-            if g.stride() != stride:
-                # Grads are only read, so a copy in the param's layout gives the right result.
+            if self.refuses_conj and g.is_conj():
+                raise RuntimeError(
+                    f"{self.where(position)}: view_as_real doesn't work on unresolved conjugated tensors.  To "
+                    "resolve the conjugate tensor so you can view it as real, use self.resolve_conj(); however, "
+                    "be warned that the resulting tensor will NOT alias the original."
+                )
+            if g.stride() != stride or g.is_conj() or g.is_neg():
+                # Grads are only read, so a copy in the param's layout (conjugation and negation
+                # applied: the kernels read the memory as it is) gives the right result.
                 g = torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
                 copies.append(g)
             shards.append(g)
@@ -430,13 +454,14 @@ class _Plan:
         self.keys = keys
         self.state_container = optimizer.state
         self.has_dtensors = any(map(_is_dtensor, params))
-        self.param_addresses = self._addresses(params)
+        self.state_tensors = []
         self.buckets = []
         self.pending = []
         self.state = None
         active = [i for i, g in enumerate(grads) if g is not None]
         self.uses_torch = any(_backend.backend_for(params[i].device) == "torch" for i in active)
         if self.uses_torch:
+            self._watch(params)
             return  # devices without pyfused kernels: the whole step is torch's own
         for i in active:
             _check_param(params[i], where(i))
@@ -474,15 +499,42 @@ class _Plan:
         for (device, dtype, state_keys, capturable), bucket_members in members.items():
             self.buckets.append(_Bucket(optimizer, where, device, dtype, bucket_members, state_keys,
                                         capturable=capturable is not None))
+        # The state tensors the tables point into (the step's, pending ones included: commit()
+        # puts those very objects into the state dicts).
+        self.state_tensors = [view[key] for _, index, _, view, _ in itertools.chain.from_iterable(members.values())
+                              for key in keys[index]]
+        if optimizer._counts_steps:
+            self.state_tensors += [view["step"] for _, _, _, view, _ in itertools.chain.from_iterable(members.values())]
+        self._watch(params)
         if not self.pending:
             self._snapshot(optimizer)
 
-    def _addresses(self, params):
-        """The params' addresses: their local shards' for DTensors (a DTensor's own data_ptr()
-        does not move with its shard)."""
+    def _watched(self, params):
+        """The tensors whose memory the tables hold, as local shards (a DTensor's own data_ptr()
+        does not move with its shard): the params, then the state tensors."""
         if self.has_dtensors:
-            return [_local(p).data_ptr() for p in params]
-        return list(map(_data_ptr, params))
+            return list(map(_local, itertools.chain(params, self.state_tensors)))
+        return [*params, *self.state_tensors]
+
+    def _watch(self, params):
+        # A tensor rebound in place (.data =, set_, resize_) keeps its object and may keep its
+        # address (a freed block reused) while its size changes: the tables' sizes would then
+        # reach past it. Addresses and metadata are compared each step (_unmoved).
+        tensors = self._watched(params)
+        self.addresses_seen = list(map(_data_ptr, tensors))
+        self.guard = _metadata_guard(tensors)
+        self.layout_seen = None if self.guard is not None else _layout_of(tensors)
+
+    def _unmoved(self, params) -> bool:
+        tensors = self._watched(params)
+        try:
+            if list(map(_data_ptr, tensors)) != self.addresses_seen:
+                return False
+        except (RuntimeError, NotImplementedError, TypeError):  # no storage now: the full check names it
+            return False
+        if self.guard is not None:
+            return self.guard.check(*tensors)
+        return _layout_of(tensors) == self.layout_seen
 
     def _snapshot(self, optimizer):
         # A state entry that is not a dict: the plan is rebuilt every step.
@@ -493,16 +545,15 @@ class _Plan:
         # A replaced param (or p.data) moves its address or id; a grad gained, lost or of another
         # type changes the grad types; a replaced state dict or state tensor is another object.
         # A param swapped for a DTensor, or back, moves its address too (a DTensor's data_ptr()
-        # is near 0, a shard's a heap address).
+        # is near 0, a shard's a heap address). A param or state tensor rebound in place moves
+        # its address or its metadata (_unmoved).
         if self.state is None or optimizer.state is not self.state_container:
             return False
         if keys != self.keys or not _same(groups, self.groups):
             return False
         if not _same(params, self.params) or list(map(type, grads)) != self.grad_types:
             return False
-        if self._addresses(params) != self.param_addresses:
-            return False
-        return self.state.unchanged(optimizer.state)
+        return self.state.unchanged(optimizer.state) and self._unmoved(params)
 
     def load_grads(self, grads):
         """Every bucket's grads checked and their addresses written (_Bucket.load_grads): copies
