@@ -235,9 +235,7 @@ class _Bucket:
             self.select = operator.itemgetter(*positions)
         # A complex tensor is updated as its real view, as torch does.
         scale = 2 if dtype.is_complex else 1
-        # torch's own step views complex grads as real in every optimizer here but SGD, and
-        # view_as_real refuses a conjugated tensor.
-        self.refuses_conj = dtype.is_complex and not isinstance(optimizer, torch.optim.SGD)
+        self.refuses_conj = dtype.is_complex and optimizer._views_complex_grads
         self.numels = array.array("q", [p.numel() * scale for p in shards])
         rows = [list(map(_data_ptr, shards)), [0] * self.n]
         for key in keys:
@@ -709,6 +707,8 @@ class FusedOptimizer:
     # torch.amp.GradScaler then hands its scale and found_inf to step() (as optimizer.grad_scale
     # and optimizer.found_inf) instead of unscaling the grads in a pass of its own.
     _step_supports_amp_scaling = True
+    # torch's step views complex grads as real (view_as_real, which refuses a conjugated tensor).
+    _views_complex_grads = True
 
     def __init__(self, params, *args, flat=False, track_stats=False, average=None, **kwargs):
         """torch's constructor, and pyfused's own options (keyword-only):

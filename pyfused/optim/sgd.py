@@ -17,6 +17,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _kernel = "sgd"
     _torch_class = torch.optim.SGD
     _counts_steps = False
+    _views_complex_grads = False  # torch's SGD reads a complex grad as it is
 
     def _state_keys(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
